@@ -1,0 +1,787 @@
+"""BaseDeepDensity: everything the three estimators share.
+
+The base owns validation, devices and dtypes, standardization, the training
+loop (Adam on minibatches indexed from one on-device tensor, gradient
+clipping, early stopping, recovery from non-finite losses, Ctrl-C), scoring,
+sampling, transform and pickling. An estimator supplies its networks, its
+training stages and its importance-sampling proposal through a handful of
+small hooks, in the manner of scikit-learn's ``BaseMixture``.
+"""
+
+import copy
+import math
+import time
+import warnings
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    DensityMixin,
+    TransformerMixin,
+)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_array
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
+
+from ._networks import ACTIVATIONS, MLP
+from ._scoring import (
+    adaptive_grid_1d,
+    add_prior_component,
+    importance_chunk_rows,
+    latent_grid,
+    mixture_importance_log_px,
+    quadrature_log_px,
+    sobol_normal,
+)
+from ._utils import resolve_device, resolve_dtype, sampling_rng, torch_generator
+
+#: Largest gradient norm before clipping.
+MAX_GRAD_NORM = 10.0
+#: How many times an epoch with a non-finite loss is retried at half the step.
+MAX_RECOVERIES = 6
+#: Grid points per latent dimension for two-dimensional quadrature.
+QUADRATURE_2D_POINTS = 513
+#: Rows encoded or decoded at once outside of training.
+EVAL_BATCH_ROWS = 65536
+
+
+@dataclass
+class TrainingStage:
+    """One phase of training: an objective over ``n_units`` minibatch units.
+
+    ``batch_loss(idx, generator)`` returns ``(loss, bound_mean)`` where
+    ``loss`` is minimised and ``bound_mean`` is the mean negative bound of the
+    batch, recorded in ``loss_curve_``. ``validation_loss()`` returns the mean
+    negative bound on the validation rows (used when ``early_stopping``).
+    """
+
+    name: str
+    n_units: int
+    batch_loss: Callable
+    parameters: list
+    max_iter: int
+    validation_loss: Optional[Callable] = None
+
+
+class TrainingData:
+    """The standardized training (and validation) rows as on-device tensors."""
+
+    def __init__(self, X, weights, X_val=None, weights_val=None):
+        self.X = X
+        self.weights = weights
+        self.X_val = X_val
+        self.weights_val = weights_val
+
+
+_COMMON_PARAMETERS = """
+    n_components : int, default=2
+        Dimension of the latent space.
+    hidden_layer_sizes : tuple of int, default=(64, 64)
+        Hidden layer widths of each network, as in ``MLPRegressor``.
+    activation : {'identity', 'logistic', 'tanh', 'relu'}, default='tanh'
+        Activation of the hidden layers.
+    batch_size : int, default=128
+        Minibatch size (clipped to the number of training units).
+    learning_rate_init : float, default=1e-3
+        Adam step size.
+    max_iter : int, default=%(max_iter)s
+        Maximum number of epochs (passes over the training units).
+    tol : float, default=1e-4
+        An epoch improves when the monitored loss (training loss, or
+        validation loss with ``early_stopping``) drops by more than ``tol``.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the rows, monitor the bound on
+        them and keep the best model seen.
+    validation_fraction : float, default=0.1
+        Fraction of rows held out when ``early_stopping`` is True.
+    n_iter_no_change : int, default=10
+        Epochs without improvement before training stops (converged).
+    warm_start : bool, default=False
+        Continue training the fitted networks on the next call to ``fit``.
+    score_method : {'auto', 'importance', 'quadrature'}, default='auto'
+        How ``score_samples`` estimates log p(x): 'auto' uses quadrature on a
+        latent grid when ``n_components == 1`` (exact up to a resolution
+        chosen from the decoder's slope) and importance sampling otherwise;
+        quadrature refuses ``n_components > 2``.
+    n_eval_samples : int, default=1024
+        Importance-sampling draws per row in ``score_samples``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds network initialisation, minibatches, training noise and the
+        fixed base draws of ``score_samples``. An int makes ``fit``
+        reproducible and leaves numpy's and torch's global random states
+        untouched; None draws a seed from numpy's global random state, as
+        scikit-learn estimators do.
+    verbose : int, default=0
+        Print progress every ``verbose`` epochs (0: silent).
+    device : str, default='auto'
+        Torch device: 'auto' picks 'cuda', then 'mps', then 'cpu'. The device
+        used is ``device_``.
+    dtype : {'auto', 'float32', 'float64'}, default='auto'
+        Network precision: 'auto' is float64 on the CPU and float32 on
+        accelerators (MPS is always float32). Results are float64.
+"""
+
+_COMMON_ATTRIBUTES = """
+    decoder_ : torch.nn.Module
+        The generative network f and the noise scale (standardized units).
+    noise_scale_ : ndarray of shape (n_features,)
+        Standard deviation of the observation noise, in X's units.
+    mean_, scale_ : ndarray of shape (n_features,)
+        Standardization applied inside the estimator.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during ``fit``, when X has string column names.
+    n_iter_ : int
+        Epochs run, over all training stages.
+    loss_curve_ : list of float
+        Mean negative training bound per epoch, in nats per unit.
+    validation_scores_ : list of float or None
+        Mean validation bound per epoch when ``early_stopping``.
+    converged_ : bool
+        Whether every training stage stopped by its convergence criterion.
+    device_ : torch.device
+        Device the networks live on.
+    n_row_passes_ : dict
+        Rows pushed forward through each network during training.
+    n_flops_ : int
+        Forward FLOPs of training, ``sum(rows * flops_per_row)``.
+    eval_draws_ : ndarray of shape (n_eval_samples, n_components)
+        Base draws of importance sampling, fixed at fit time.
+"""
+
+
+def fill_doc(cls):
+    """Insert the shared parameter and attribute descriptions."""
+    if cls.__doc__:
+        cls.__doc__ = cls.__doc__.replace(
+            "%(common_parameters)s", _COMMON_PARAMETERS.strip("\n")
+        ).replace("%(common_attributes)s", _COMMON_ATTRIBUTES.strip("\n"))
+        cls.__doc__ = cls.__doc__.replace("%(max_iter)s", str(cls._default_max_iter))
+    return cls
+
+
+class BaseDeepDensity(
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    DensityMixin,
+    BaseEstimator,
+    metaclass=ABCMeta,
+):
+    """Base class of the deep latent-variable density estimators.
+
+    Model: ``z ~ N(0, I_d)``, ``x | z ~ N(f(z), diag(sigma^2))`` on
+    standardized data; log-densities, samples and ``inverse_transform`` are
+    reported in the caller's units.
+    """
+
+    _default_max_iter = 200
+
+    _parameter_constraints = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "hidden_layer_sizes": ["array-like"],
+        "activation": [StrOptions(set(ACTIVATIONS))],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "warm_start": ["boolean"],
+        "score_method": [StrOptions({"auto", "importance", "quadrature"})],
+        "n_eval_samples": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "device": [str, torch.device],
+        "dtype": [StrOptions({"auto", "float32", "float64"})],
+    }
+
+    def __init__(
+        self,
+        *,
+        n_components=2,
+        hidden_layer_sizes=(64, 64),
+        activation="tanh",
+        batch_size=128,
+        learning_rate_init=1e-3,
+        max_iter=200,
+        tol=1e-4,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        warm_start=False,
+        score_method="auto",
+        n_eval_samples=1024,
+        random_state=None,
+        verbose=0,
+        device="auto",
+        dtype="auto",
+    ):
+        self.n_components = n_components
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.warm_start = warm_start
+        self.score_method = score_method
+        self.n_eval_samples = n_eval_samples
+        self.random_state = random_state
+        self.verbose = verbose
+        self.device = device
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------
+    # hooks for the estimators
+    # ------------------------------------------------------------------
+    @abstractmethod
+    def _initialize(self, data, generator):
+        """Build the networks (and any fixed statistics) from the training data."""
+
+    @abstractmethod
+    def _training_stages(self, data):
+        """The list of ``TrainingStage`` to run, in order."""
+
+    @abstractmethod
+    def _proposal(self, X):
+        """Importance-sampling proposal for standardized rows ``X``.
+
+        Returns ``(means, log_stds, log_weights)`` of shapes (n, C, d),
+        (n, C, d) and (n, C), normalised weights; the base mixes in the prior.
+        """
+
+    @abstractmethod
+    def _encode(self, X):
+        """Latent codes of standardized rows ``X`` (tensor (n, d))."""
+
+    def _networks(self):
+        """The fitted modules, by attribute name."""
+        return {
+            name: value
+            for name, value in vars(self).items()
+            if name.endswith("_") and isinstance(value, torch.nn.Module)
+        }
+
+    def _check_params(self, X):
+        """Extra parameter checks that need the data; raise ValueError."""
+        if self.score_method == "quadrature" and self.n_components > 2:
+            raise ValueError(
+                "score_method='quadrature' needs n_components <= 2, got "
+                f"n_components={self.n_components}; use 'importance' or 'auto'."
+            )
+        sizes = self.hidden_layer_sizes
+        if not all(isinstance(s, Integral) and s > 0 for s in np.ravel(sizes)):
+            raise ValueError(
+                "hidden_layer_sizes must be a sequence of positive ints, got "
+                f"{sizes!r}."
+            )
+
+    # ------------------------------------------------------------------
+    # fit
+    # ------------------------------------------------------------------
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit the model to X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data.
+        y : None
+            Ignored; present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights; each row's bound is multiplied by its
+            weight (normalised to mean one).
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        self._validate_params()
+        warm = self.warm_start and hasattr(self, "decoder_")
+        X = validate_data(
+            self,
+            X,
+            reset=not warm,
+            dtype=[np.float64, np.float32],
+            ensure_min_samples=2,
+        )
+        self._check_params(X)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        if not np.any(sample_weight > 0):
+            raise ValueError("sample_weight must have at least one positive entry.")
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        generator = torch_generator(self.random_state)
+        if not warm:
+            self._set_standardization(X, sample_weight)
+        self.device_ = device
+        self._torch_dtype = dtype
+        data = self._training_data(X, sample_weight, generator)
+        if warm:
+            self._move_networks()
+        else:
+            self.loss_curve_ = []
+            self.validation_scores_ = [] if self.early_stopping else None
+            self.n_iter_ = 0
+            self.n_row_passes_ = {}
+            self._initialize(data, generator)
+            self._move_networks()
+        self._train(data, generator)
+        return self
+
+    def _set_standardization(self, X, sample_weight):
+        w = sample_weight / sample_weight.sum()
+        mean = w @ X
+        var = w @ (X - mean) ** 2
+        scale = np.sqrt(var)
+        # constant columns keep unit scale, as in StandardScaler
+        scale[scale <= 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1)] = 1.0
+        self.mean_ = mean.astype(np.float64)
+        self.scale_ = scale.astype(np.float64)
+
+    def _to_tensor(self, X):
+        return torch.as_tensor(
+            np.asarray(X, dtype=np.float64), device=self.device_
+        ).to(self._torch_dtype)
+
+    def _standardize(self, X):
+        return self._to_tensor((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_)
+
+    def _training_data(self, X, sample_weight, generator):
+        n = X.shape[0]
+        X_val = w_val = None
+        if self.early_stopping:
+            n_val = int(math.ceil(self.validation_fraction * n))
+            if n_val < 1 or n - n_val < 2:
+                raise ValueError(
+                    f"early_stopping with validation_fraction={self.validation_fraction}"
+                    f" leaves too few rows out of n_samples={n}."
+                )
+            perm = torch.randperm(n, generator=generator).numpy()
+            val, train = perm[:n_val], np.sort(perm[n_val:])
+            X_val, w_val = X[np.sort(val)], sample_weight[np.sort(val)]
+            X, sample_weight = X[train], sample_weight[train]
+        mean_w = sample_weight.mean()
+        data = TrainingData(
+            self._standardize(X), self._to_tensor(sample_weight / mean_w)
+        )
+        if X_val is not None:
+            data.X_val = self._standardize(X_val)
+            data.weights_val = self._to_tensor(w_val / max(w_val.mean(), 1e-300))
+        return data
+
+    def _move_networks(self):
+        for name, module in self._networks().items():
+            setattr(self, name, module.to(device=self.device_, dtype=self._torch_dtype))
+        for name, value in list(vars(self).items()):
+            if name.endswith("_") and isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device=self.device_, dtype=self._torch_dtype))
+
+    def _snapshot(self, optimizer):
+        state = {
+            name: copy.deepcopy(m.state_dict()) for name, m in self._networks().items()
+        }
+        tensors = {
+            name: value.detach().clone()
+            for name, value in vars(self).items()
+            if name.endswith("_") and isinstance(value, torch.Tensor)
+        }
+        opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+        return state, tensors, opt
+
+    def _restore(self, snapshot, optimizer=None):
+        state, tensors, opt = snapshot
+        for name, module in self._networks().items():
+            module.load_state_dict(state[name])
+        with torch.no_grad():
+            for name, value in tensors.items():
+                getattr(self, name).copy_(value)
+        if optimizer is not None and opt is not None:
+            optimizer.load_state_dict(opt)
+
+    def _row_counts(self):
+        counts = {}
+        for name, module in self._networks().items():
+            counts[name.rstrip("_")] = sum(
+                m.rows_forward for m in module.modules() if isinstance(m, MLP)
+            )
+        return counts
+
+    def _flops_per_row(self):
+        return {
+            name.rstrip("_"): sum(
+                m.flops_per_row for m in module.modules() if isinstance(m, MLP)
+            )
+            for name, module in self._networks().items()
+        }
+
+    def _train(self, data, generator):
+        counts_before = self._row_counts()
+        converged = True
+        stage_name = None
+        best_snapshot = None
+        start = time.perf_counter()
+        try:
+            for stage in self._training_stages(data):
+                stage_name = stage.name
+                stage_converged, best_snapshot = self._run_stage(stage, generator, start)
+                if best_snapshot is not None:
+                    self._restore(best_snapshot)
+                    best_snapshot = None
+                converged = converged and stage_converged
+        except KeyboardInterrupt:
+            if best_snapshot is not None:
+                self._restore(best_snapshot)
+            self.converged_ = False
+            self._finish_fit(counts_before, generator)
+            warnings.warn(
+                f"{type(self).__name__}.fit was interrupted during stage "
+                f"{stage_name!r}; the estimator keeps the best model so far.",
+                UserWarning,
+            )
+            raise
+        self.converged_ = converged
+        self._finish_fit(counts_before, generator)
+
+    def _run_stage(self, stage, generator, start):
+        """Run one stage; return (converged, best snapshot for early stopping)."""
+        params = [p for p in stage.parameters if p.requires_grad]
+        lr = self.learning_rate_init
+        optimizer = torch.optim.Adam(params, lr=lr)
+        batch = min(self.batch_size, stage.n_units)
+        best, no_improve = np.inf, 0
+        best_snapshot = None
+        monitor_val = self.early_stopping and stage.validation_loss is not None
+        recoveries = 0
+        epoch = 0
+        while epoch < stage.max_iter:
+            good = self._snapshot(optimizer)
+            total, finite = 0.0, True
+            perm = torch.randperm(stage.n_units, generator=generator).to(self.device_)
+            for idx in perm.split(batch):
+                loss, report = stage.batch_loss(idx, generator)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                if not torch.isfinite(norm):
+                    finite = False
+                    break
+                optimizer.step()
+                total += float(report) * idx.numel()
+            if not finite:
+                recoveries += 1
+                self._restore(good, optimizer)
+                if recoveries > MAX_RECOVERIES:
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: training stage {stage.name!r} "
+                        "produced a non-finite loss or gradient at every retry, even "
+                        f"with learning_rate lowered to {lr:.3g}. Check the data for "
+                        "extreme values, or lower learning_rate_init."
+                    )
+                lr /= 2
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if self.verbose:
+                    print(f"[{stage.name}] non-finite loss: restored, lr={lr:.3g}")
+                continue
+            epoch += 1
+            self.n_iter_ += 1
+            epoch_loss = total / stage.n_units
+            self.loss_curve_.append(epoch_loss)
+            metric = epoch_loss
+            if monitor_val:
+                with torch.no_grad():
+                    val = float(stage.validation_loss())
+                self.validation_scores_.append(-val)
+                metric = val
+                if val < best:
+                    best_snapshot = self._snapshot(None)
+            if self.verbose and epoch % max(int(self.verbose), 1) == 0:
+                msg = f"[{stage.name}] epoch {epoch}, loss {epoch_loss:.5f}"
+                if monitor_val:
+                    msg += f", validation loss {metric:.5f}"
+                print(msg + f", {time.perf_counter() - start:.1f} s")
+            no_improve = no_improve + 1 if metric > best - self.tol else 0
+            best = min(best, metric)
+            if no_improve >= self.n_iter_no_change:
+                return True, best_snapshot
+        if stage.max_iter > 0:
+            warnings.warn(
+                f"{type(self).__name__}: stage {stage.name!r} reached max_iter="
+                f"{stage.max_iter} epochs without converging; increase max_iter.",
+                ConvergenceWarning,
+            )
+            return False, best_snapshot
+        return True, best_snapshot
+
+    def _finish_fit(self, counts_before, generator):
+        """Build everything scoring needs, so nothing is built lazily later."""
+        counts = self._row_counts()
+        passes = dict(self.n_row_passes_)
+        for name, value in counts.items():
+            passes[name] = passes.get(name, 0) + value - counts_before.get(name, 0)
+        self.n_row_passes_ = passes
+        flops = self._flops_per_row()
+        self.n_flops_ = int(sum(passes[name] * flops.get(name, 0) for name in passes))
+        for module in self._networks().values():
+            module.eval()
+        self.eval_draws_ = sobol_normal(
+            self.n_eval_samples, self.n_components, generator
+        )
+        self.eval_offset_ = float(torch.rand((), generator=generator, dtype=torch.float64))
+        self.noise_scale_ = self.decoder_.scale.detach().cpu().double().numpy() * self.scale_
+        self._build_quadrature()
+
+    def _build_quadrature(self):
+        self._quadrature = None
+        if self.n_components == 1:
+            z, log_w, f = adaptive_grid_1d(self.decoder_, self._torch_dtype, self.device_)
+            self._quadrature = (log_w, f)
+
+    # ------------------------------------------------------------------
+    # scoring, sampling, transforms
+    # ------------------------------------------------------------------
+    def _check_X(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def _log_det(self):
+        return float(np.sum(np.log(self.scale_)))
+
+    @torch.no_grad()
+    def _log_px_importance(self, Xs):
+        eps = torch.as_tensor(self.eval_draws_, device=self.device_).to(self._torch_dtype)
+        n_mix = self._proposal(Xs[:1])[0].shape[1] + 1
+        rows = importance_chunk_rows(eps.shape[0], n_mix, self.n_components)
+        out = []
+        for xb in Xs.split(rows):
+            means, log_stds, log_w = add_prior_component(*self._proposal(xb))
+            out.append(
+                mixture_importance_log_px(
+                    xb, self.decoder_, means, log_stds, log_w, eps, self.eval_offset_
+                )
+            )
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _log_px_quadrature(self, Xs, n_per_dim=None):
+        if self.n_components == 1 and n_per_dim is None:
+            log_w, f = self._quadrature
+        elif self.n_components <= 2:
+            z, log_w = latent_grid(
+                self.n_components,
+                n_per_dim or QUADRATURE_2D_POINTS,
+                8.0,
+                self._torch_dtype,
+                self.device_,
+            )
+            f = torch.cat([self.decoder_(zb) for zb in z.split(EVAL_BATCH_ROWS)])
+        else:
+            raise ValueError(
+                "quadrature needs n_components <= 2, got "
+                f"n_components={self.n_components}."
+            )
+        return quadrature_log_px(Xs, f, log_w, self.decoder_.scale)
+
+    def _log_px(self, X, method=None):
+        method = method or self.score_method
+        if method == "auto":
+            method = "quadrature" if self.n_components == 1 else "importance"
+        Xs = self._standardize(X)
+        with torch.no_grad():
+            if method == "quadrature":
+                lp = self._log_px_quadrature(Xs)
+            else:
+                lp = self._log_px_importance(Xs)
+        return lp.double().cpu().numpy() - self._log_det()
+
+    def score_samples(self, X):
+        """Log-density of each row under the model, in X's units.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to score.
+
+        Returns
+        -------
+        log_density : ndarray of shape (n_samples,)
+            Estimate of log p(x) (quadrature or importance sampling, see
+            ``score_method``); never a training bound.
+        """
+        X = self._check_X(X)
+        return self._log_px(X)
+
+    def score(self, X, y=None):
+        """Mean log-likelihood per row (GaussianMixture's convention).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to score.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        score : float
+            ``score_samples(X).mean()``.
+        """
+        return float(np.mean(self.score_samples(X)))
+
+    def sample(self, n_samples=1, random_state=None):
+        """Draw rows from the fitted continuous model.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+            Number of rows.
+        random_state : int, RandomState, Generator or None, default=None
+            None gives fresh randomness on every call.
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+            Samples in X's units.
+        """
+        check_is_fitted(self)
+        if not isinstance(n_samples, Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
+        rng = sampling_rng(random_state)
+        z = rng.standard_normal((n_samples, self.n_components))
+        eps = rng.standard_normal((n_samples, self.n_features_in_))
+        mean = self._decode(z)
+        return mean + eps * self.noise_scale_
+
+    def _decode(self, Z):
+        zt = self._to_tensor(Z)
+        with torch.no_grad():
+            f = torch.cat([self.decoder_(zb) for zb in zt.split(EVAL_BATCH_ROWS)])
+        return f.double().cpu().numpy() * self.scale_ + self.mean_
+
+    def transform(self, X):
+        """Latent codes of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to encode.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, n_components)
+            The estimator's code for each row (see the estimator's docstring).
+        """
+        X = self._check_X(X)
+        Xs = self._standardize(X)
+        with torch.no_grad():
+            Z = torch.cat([self._encode(xb) for xb in Xs.split(EVAL_BATCH_ROWS)])
+        return Z.double().cpu().numpy()
+
+    def inverse_transform(self, X):
+        """Decoder mean f(z) of latent codes, in X's units.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+            Latent codes.
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features)
+            Decoded rows.
+        """
+        check_is_fitted(self)
+        Z = check_array(X, dtype=np.float64, input_name="X")
+        if Z.shape[1] != self.n_components:
+            raise ValueError(
+                f"inverse_transform expects {self.n_components} columns "
+                f"(n_components), got {Z.shape[1]}."
+            )
+        return self._decode(Z)
+
+    @property
+    def _n_features_out(self):
+        return self.n_components
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.input_tags.sparse = False
+        tags.target_tags.required = False
+        tags.transformer_tags.preserves_dtype = ["float64"]
+        return tags
+
+    # ------------------------------------------------------------------
+    # pickling: tensors travel on the CPU and come back on the best device
+    # ------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        for name, value in state.items():
+            if isinstance(value, torch.nn.Module):
+                state[name] = copy.deepcopy(value).to("cpu")
+            elif isinstance(value, torch.Tensor):
+                state[name] = value.detach().to("cpu")
+            elif isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+                state[name] = tuple(
+                    v.detach().to("cpu") if isinstance(v, torch.Tensor) else v for v in value
+                )
+        if isinstance(state.get("device_"), torch.device):
+            state["device_"] = str(state["device_"])
+        return state
+
+    def __setstate__(self, state):
+        device = state.get("device_")
+        if device is not None:
+            wanted = torch.device(device)
+            try:
+                available = resolve_device(str(wanted))
+            except ValueError:
+                warnings.warn(
+                    f"This estimator was fitted on {wanted}, which is not available "
+                    "here; it is loaded on the CPU.",
+                    UserWarning,
+                )
+                available = torch.device("cpu")
+            state["device_"] = available
+        super().__setstate__(state)
+        if device is not None:
+            for name, value in list(vars(self).items()):
+                if isinstance(value, torch.nn.Module):
+                    setattr(self, name, value.to(self.device_))
+                elif isinstance(value, torch.Tensor):
+                    setattr(self, name, value.to(self.device_))
+                elif isinstance(value, tuple) and any(
+                    isinstance(v, torch.Tensor) for v in value
+                ):
+                    setattr(
+                        self,
+                        name,
+                        tuple(
+                            v.to(self.device_) if isinstance(v, torch.Tensor) else v
+                            for v in value
+                        ),
+                    )

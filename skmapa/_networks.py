@@ -1,0 +1,143 @@
+"""Torch modules: an MLP, the Gaussian decoder and the Gaussian encoder.
+
+Modules are defined at module level so that fitted estimators pickle. They
+are initialised from an explicit ``torch.Generator`` (never torch's global
+random state) and count the rows they push forward, which is how the
+benchmarks compare the training cost of the estimators.
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {
+    "identity": nn.Identity,
+    "logistic": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+}
+
+#: Smallest noise standard deviation, in standardized units.
+MIN_SCALE = 1e-3
+#: Bounds on encoder log standard deviations, for numerical safety.
+LOG_STD_BOUNDS = (-12.0, 6.0)
+
+
+class MLP(nn.Module):
+    """A fully connected network ``n_in -> hidden_layer_sizes -> n_out``."""
+
+    def __init__(self, n_in, n_out, hidden_layer_sizes, activation):
+        super().__init__()
+        sizes = [n_in, *hidden_layer_sizes, n_out]
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        self.net = nn.Sequential(*layers)
+        self.rows_forward = 0
+
+    @property
+    def flops_per_row(self):
+        """Multiply-adds of one forward row, times two (a FLOP count)."""
+        return sum(
+            2 * m.in_features * m.out_features
+            for m in self.net
+            if isinstance(m, nn.Linear)
+        )
+
+    def forward(self, x):
+        self.rows_forward += x[..., 0].numel()
+        return self.net(x)
+
+
+def build(module_class, generator, *args):
+    """Construct ``module_class(*args)`` and initialise it from ``generator``.
+
+    ``nn.Linear`` draws its default initialisation from torch's global
+    generator; construction happens inside ``fork_rng`` so that the global
+    state is left exactly as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        module = module_class(*args)
+    init_parameters(module, generator)
+    return module
+
+
+def init_parameters(module, generator):
+    """Initialise every ``nn.Linear`` of ``module`` from ``generator``.
+
+    Same scheme as ``nn.Linear.reset_parameters`` (uniform with bound
+    ``1/sqrt(fan_in)``), but reproducible and without touching global state.
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                w = torch.empty(m.weight.shape, dtype=torch.float64)
+                w.uniform_(-bound, bound, generator=generator)
+                m.weight.copy_(w)
+                b = torch.empty(m.bias.shape, dtype=torch.float64)
+                b.uniform_(-bound, bound, generator=generator)
+                m.bias.copy_(b)
+
+
+def gaussian_log_prob(x, mean, scale):
+    """log N(x; mean, diag(scale^2)) summed over the last axis (broadcasts)."""
+    z = (x - mean) / scale
+    return -0.5 * (z * z).sum(-1) - torch.log(scale).sum(-1) - 0.5 * x.shape[
+        -1
+    ] * math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z):
+    """log N(z; 0, I) summed over the last axis."""
+    return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+
+
+class GaussianDecoder(nn.Module):
+    """p(x | z) = N(x; f(z), diag(scale^2)) with a learned per-feature scale.
+
+    The scale is ``MIN_SCALE + softplus(raw_scale)`` so that it never reaches
+    zero, even on constant columns.
+    """
+
+    def __init__(self, n_components, n_features, hidden_layer_sizes, activation):
+        super().__init__()
+        self.mean_net = MLP(n_components, n_features, hidden_layer_sizes, activation)
+        # softplus(0.5413) = 1: start at unit noise in standardized units.
+        self.raw_scale = nn.Parameter(torch.full((n_features,), 0.5413))
+
+    @property
+    def scale(self):
+        return MIN_SCALE + F.softplus(self.raw_scale)
+
+    def set_scale(self, scale):
+        """Set the noise scale (standardized units), floored at ``MIN_SCALE``."""
+        target = torch.clamp(scale - MIN_SCALE, min=1e-12)
+        with torch.no_grad():
+            # inverse softplus, stable for large and small targets
+            self.raw_scale.copy_(target + torch.log(-torch.expm1(-target)))
+
+    def forward(self, z):
+        return self.mean_net(z)
+
+    def log_prob(self, x, z):
+        """log p(x | z); ``x`` broadcasts against the leading axes of ``z``."""
+        return gaussian_log_prob(x, self(z), self.scale)
+
+
+class GaussianEncoder(nn.Module):
+    """q(z | x) = N(z; mu(x), diag(exp(log_std(x))^2))."""
+
+    def __init__(self, n_features, n_components, hidden_layer_sizes, activation):
+        super().__init__()
+        self.net = MLP(n_features, 2 * n_components, hidden_layer_sizes, activation)
+        self.n_components = n_components
+
+    def forward(self, x):
+        out = self.net(x)
+        mu, log_std = out.split(self.n_components, dim=-1)
+        return mu, torch.clamp(log_std, *LOG_STD_BOUNDS)

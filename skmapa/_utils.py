@@ -1,0 +1,119 @@
+"""Small shared helpers: devices, dtypes and random number streams."""
+
+import numbers
+import warnings
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(device):
+    """Return the ``torch.device`` that ``device`` asks for, checking it exists.
+
+    ``"auto"`` picks CUDA, then Apple MPS, then the CPU.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(
+            f"device must be a string such as 'auto', 'cpu' or 'cuda', got {device!r}."
+        )
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"device={device!r} is not a valid torch device; use 'auto', 'cpu', "
+            "'cuda', 'cuda:N' or 'mps'."
+        ) from exc
+    if resolved.type not in _DEVICE_TYPES:
+        raise ValueError(
+            f"device={device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'."
+        )
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but CUDA is not available on this "
+                "machine; use device='cpu' or device='auto'."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s)."
+            )
+    if resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but MPS is not available on this "
+                "machine; use device='cpu' or device='auto'."
+            )
+    return resolved
+
+
+def resolve_dtype(dtype, device):
+    """Return the torch dtype for ``dtype`` ('auto', 'float32' or 'float64').
+
+    'auto' is float64 on the CPU (exact enough for scikit-learn's invariance
+    checks) and float32 on accelerators; MPS has no float64 and always gets
+    float32, with a warning when float64 was asked for.
+    """
+    if dtype == "auto":
+        return torch.float64 if device.type == "cpu" else torch.float32
+    if dtype in (np.float32, torch.float32):
+        dtype = "float32"
+    if dtype in (np.float64, torch.float64):
+        dtype = "float64"
+    if dtype not in _DTYPES:
+        raise ValueError(
+            f"dtype must be 'auto', 'float32' or 'float64', got {dtype!r}."
+        )
+    if device.type == "mps" and dtype == "float64":
+        warnings.warn("MPS does not support float64; using float32.", UserWarning)
+        return torch.float32
+    return _DTYPES[dtype]
+
+
+def torch_generator(random_state):
+    """A CPU ``torch.Generator`` seeded from ``random_state``.
+
+    All training randomness is drawn on the CPU from this generator and then
+    moved to the device, so results do not depend on the device's RNG and
+    torch's global random state is never touched.
+    """
+    rng = check_random_state(random_state)
+    seed = int(rng.randint(np.iinfo(np.int32).max))
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def sampling_rng(random_state):
+    """Random state for ``sample``: ``None`` means fresh OS entropy.
+
+    Unlike ``check_random_state(None)`` this leaves numpy's global state alone.
+    """
+    if random_state is None:
+        return np.random.default_rng()
+    if isinstance(random_state, (numbers.Integral, np.integer)):
+        return np.random.default_rng(int(random_state))
+    if isinstance(random_state, (np.random.RandomState, np.random.Generator)):
+        return random_state
+    raise ValueError(
+        f"random_state must be None, an int, a numpy RandomState or Generator; "
+        f"got {random_state!r}."
+    )
+
+
+def standard_normal(rng, size):
+    """Standard normal draws from a RandomState or a Generator."""
+    return rng.standard_normal(size)
