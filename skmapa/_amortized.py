@@ -20,17 +20,18 @@ class AmortizedDensity(BaseDeepDensity):
     ``(surrogate, bound)``.
     """
 
+    def _network_specs(self, n_features):
+        sizes = tuple(int(s) for s in self.hidden_layer_sizes)
+        return {
+            "decoder_": (GaussianDecoder, self.n_components, n_features, sizes,
+                         self.activation),
+            "encoder_": (GaussianEncoder, n_features, self.n_components, sizes,
+                         self.activation),
+        }
+
     def _initialize(self, data, generator):
-        n_features = data.X.shape[1]
-        sizes = tuple(self.hidden_layer_sizes)
-        self.decoder_ = build(
-            GaussianDecoder, generator, self.n_components, n_features, sizes,
-            self.activation,
-        )
-        self.encoder_ = build(
-            GaussianEncoder, generator, n_features, self.n_components, sizes,
-            self.activation,
-        )
+        for name, (cls, *args) in self._network_specs(data.X.shape[1]).items():
+            setattr(self, name, build(cls, generator, *args))
 
     def _noise(self, shape, generator):
         eps = torch.randn(shape, generator=generator, dtype=torch.float64)

@@ -72,6 +72,11 @@ class TrainingStage:
     parameters: list
     max_iter: int
     validation_loss: Optional[Callable] = None
+    before: Optional[Callable] = None
+    after_epoch: Optional[Callable] = None
+    #: Set by the training loop: the best state seen under early stopping,
+    #: restored if the stage is interrupted.
+    best_snapshot: Optional[tuple] = None
 
 
 class TrainingData:
@@ -98,8 +103,10 @@ _COMMON_PARAMETERS = """
     max_iter : int, default=%(max_iter)s
         Maximum number of epochs (passes over the training units).
     tol : float, default=1e-4
-        An epoch improves when the monitored loss (training loss, or
-        validation loss with ``early_stopping``) drops by more than ``tol``.
+        An epoch improves when the monitored loss drops below the best seen
+        by more than ``tol``: the mean training loss over the last
+        ``n_iter_no_change`` epochs, or the validation loss with
+        ``early_stopping``.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the rows, monitor the bound on
         them and keep the best model seen.
@@ -255,6 +262,14 @@ class BaseDeepDensity(
         """Build the networks (and any fixed statistics) from the training data."""
 
     @abstractmethod
+    def _network_specs(self, n_features):
+        """``{attribute: (module class, *constructor args)}`` of the networks.
+
+        Used to build them in ``_initialize`` and to rebuild them, empty, when
+        a saved model is loaded.
+        """
+
+    @abstractmethod
     def _training_stages(self, data):
         """The list of ``TrainingStage`` to run, in order."""
 
@@ -269,6 +284,9 @@ class BaseDeepDensity(
     @abstractmethod
     def _encode(self, X):
         """Latent codes of standardized rows ``X`` (tensor (n, d))."""
+
+    def _warm_start(self, data, generator):
+        """Prepare a fitted estimator to continue training on ``data``."""
 
     def _networks(self):
         """The fitted modules, by attribute name."""
@@ -285,8 +303,20 @@ class BaseDeepDensity(
                 "score_method='quadrature' needs n_components <= 2, got "
                 f"n_components={self.n_components}; use 'importance' or 'auto'."
             )
+        for name, constraints in self._parameter_constraints.items():
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) and any(
+                isinstance(c, Interval) and c.type is Integral for c in constraints
+            ):
+                raise ValueError(
+                    f"The {name!r} parameter of {type(self).__name__} must be an "
+                    f"int, got the bool {value!r}."
+                )
         sizes = self.hidden_layer_sizes
-        if not all(isinstance(s, Integral) and s > 0 for s in np.ravel(sizes)):
+        if np.ndim(sizes) != 1 or not all(
+            isinstance(s, Integral) and not isinstance(s, (bool, np.bool_)) and s > 0
+            for s in sizes
+        ):
             raise ValueError(
                 "hidden_layer_sizes must be a sequence of positive ints, got "
                 f"{sizes!r}."
@@ -338,6 +368,7 @@ class BaseDeepDensity(
         data = self._training_data(X, sample_weight, generator)
         if warm:
             self._move_networks()
+            self._warm_start(data, generator)
         else:
             self.loss_curve_ = []
             self.validation_scores_ = [] if self.early_stopping else None
@@ -359,12 +390,15 @@ class BaseDeepDensity(
         self.scale_ = scale.astype(np.float64)
 
     def _to_tensor(self, X):
-        return torch.as_tensor(
-            np.asarray(X, dtype=np.float64), device=self.device_
-        ).to(self._torch_dtype)
+        X = np.asarray(X, dtype=np.float64)
+        if not X.flags.writeable:  # torch cannot share a read-only array
+            X = X.copy()
+        return torch.as_tensor(X, device=self.device_).to(self._torch_dtype)
 
     def _standardize(self, X):
-        return self._to_tensor((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_)
+        with np.errstate(over="ignore"):  # rows beyond float64: see _log_px
+            Xs = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
+        return self._to_tensor(Xs)
 
     def _training_data(self, X, sample_weight, generator):
         n = X.shape[0]
@@ -437,7 +471,7 @@ class BaseDeepDensity(
     def _train(self, data, generator):
         counts_before = self._row_counts()
         converged = True
-        stage_name = None
+        stage = stage_name = None
         best_snapshot = None
         start = time.perf_counter()
         try:
@@ -449,6 +483,8 @@ class BaseDeepDensity(
                     best_snapshot = None
                 converged = converged and stage_converged
         except KeyboardInterrupt:
+            if best_snapshot is None and stage is not None:
+                best_snapshot = stage.best_snapshot
             if best_snapshot is not None:
                 self._restore(best_snapshot)
             self.converged_ = False
@@ -467,12 +503,15 @@ class BaseDeepDensity(
         params = [p for p in stage.parameters if p.requires_grad]
         lr = self.learning_rate_init
         optimizer = torch.optim.Adam(params, lr=lr)
-        batch = min(self.batch_size, stage.n_units)
+        batch = int(min(self.batch_size, stage.n_units))
         best, no_improve = np.inf, 0
         best_snapshot = None
         monitor_val = self.early_stopping and stage.validation_loss is not None
         recoveries = 0
         epoch = 0
+        stage_losses = []
+        if stage.before is not None:
+            stage.before()
         while epoch < stage.max_iter:
             good = self._snapshot(optimizer)
             total, finite = 0.0, True
@@ -506,18 +545,24 @@ class BaseDeepDensity(
                 if self.verbose:
                     print(f"[{stage.name}] non-finite loss: restored, lr={lr:.3g}")
                 continue
+            if stage.after_epoch is not None:
+                stage.after_epoch()
             epoch += 1
             self.n_iter_ += 1
             epoch_loss = total / stage.n_units
             self.loss_curve_.append(epoch_loss)
-            metric = epoch_loss
+            stage_losses.append(epoch_loss)
+            # The training loss of one epoch is noisy (minibatches, sampled
+            # bounds): monitor its mean over the last n_iter_no_change epochs,
+            # so that one lucky epoch cannot stop training.
+            metric = float(np.mean(stage_losses[-self.n_iter_no_change:]))
             if monitor_val:
                 with torch.no_grad():
                     val = float(stage.validation_loss())
                 self.validation_scores_.append(-val)
                 metric = val
                 if val < best:
-                    best_snapshot = self._snapshot(None)
+                    best_snapshot = stage.best_snapshot = self._snapshot(None)
             if self.verbose and epoch % max(int(self.verbose), 1) == 0:
                 msg = f"[{stage.name}] epoch {epoch}, loss {epoch_loss:.5f}"
                 if monitor_val:
@@ -576,7 +621,7 @@ class BaseDeepDensity(
         n_mix = self._proposal(Xs[:1])[0].shape[1] + 1
         rows = importance_chunk_rows(eps.shape[0], n_mix, self.n_components)
         out = []
-        for xb in Xs.split(rows):
+        for xb in Xs.split(int(rows)):
             means, log_stds, log_w = add_prior_component(*self._proposal(xb))
             out.append(
                 mixture_importance_log_px(
@@ -610,12 +655,19 @@ class BaseDeepDensity(
         if method == "auto":
             method = "quadrature" if self.n_components == 1 else "importance"
         Xs = self._standardize(X)
-        with torch.no_grad():
-            if method == "quadrature":
-                lp = self._log_px_quadrature(Xs)
-            else:
-                lp = self._log_px_importance(Xs)
-        return lp.double().cpu().numpy() - self._log_det()
+        # A row whose squared norm overflows the working precision is so far
+        # out that its log-density is -inf; computing it would give inf - inf.
+        ok = torch.isfinite((Xs * Xs).sum(-1))
+        lp = torch.full((Xs.shape[0],), -math.inf, dtype=torch.float64)
+        if bool(ok.any()):
+            Xk = Xs if bool(ok.all()) else Xs[ok]
+            with torch.no_grad():
+                if method == "quadrature":
+                    lp_ok = self._log_px_quadrature(Xk)
+                else:
+                    lp_ok = self._log_px_importance(Xk)
+            lp[ok.cpu()] = lp_ok.double().cpu()
+        return lp.numpy() - self._log_det()
 
     def score_samples(self, X):
         """Log-density of each row under the model, in X's units.
@@ -667,7 +719,9 @@ class BaseDeepDensity(
             Samples in X's units.
         """
         check_is_fitted(self)
-        if not isinstance(n_samples, Integral) or n_samples < 1:
+        if not isinstance(n_samples, Integral) or isinstance(n_samples, bool) or (
+            n_samples < 1
+        ):
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
         rng = sampling_rng(random_state)
         z = rng.standard_normal((n_samples, self.n_components))

@@ -72,10 +72,10 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0)
         Proposal components for each row.
     log_weights : tensor (n, C)
         Normalised log mixture weights.
-    eps : tensor (S, d)
-        Fixed standard normal base draws.
-    u0 : float in [0, 1)
-        Fixed offset of the systematic assignment of draws to components.
+    eps : tensor (S, d) or (n, S, d)
+        Standard normal base draws, shared by all rows (scoring) or per row.
+    u0 : float in [0, 1) or tensor (n, 1)
+        Offset of the systematic assignment of draws to components.
 
     Draw ``s`` of row ``i`` goes to the component whose cumulative weight
     interval holds ``(s + u0) / S``; the weights use the full mixture density
@@ -83,16 +83,18 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0)
     draws and the assignment offset.
     """
     n, C, d = means.shape
-    S = eps.shape[0]
+    S = eps.shape[-2]
     cum = torch.cumsum(torch.exp(log_weights), dim=1)
     cum = cum / cum[:, -1:]
     pos = (torch.arange(S, device=x.device, dtype=x.dtype) + u0) / S
     comp = torch.searchsorted(cum.contiguous(), pos.expand(n, S).contiguous())
+    if eps.dim() == 2:
+        eps = eps.unsqueeze(0)
     comp = comp.clamp_(max=C - 1)  # (n, S)
     idx = comp.unsqueeze(-1).expand(n, S, d)
     mu = torch.gather(means, 1, idx)
     std = torch.exp(torch.gather(log_stds, 1, idx))
-    z = mu + std * eps.unsqueeze(0)  # (n, S, d)
+    z = mu + std * eps  # (n, S, d)
     log_q = torch.logsumexp(
         gaussian_log_prob(
             z.unsqueeze(2), means.unsqueeze(1), torch.exp(log_stds).unsqueeze(1)

@@ -1,0 +1,369 @@
+"""MAPADensity: decoder-only training with a model-agnostic posterior approximation."""
+
+import math
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from . import _mapa
+from ._base import BaseDeepDensity, TrainingStage, fill_doc
+from ._networks import GaussianDecoder, build
+from ._scoring import add_prior_component, mixture_importance_log_px
+
+
+@fill_doc
+class MAPADensity(BaseDeepDensity):
+    """Density estimator trained with a model-agnostic posterior approximation.
+
+    MAPA (Yacoby, Pan & Doshi-Velez, 2024) approximates the posterior of the
+    empiricalized model, whose prior is the empirical distribution of the
+    training codes, from the data alone::
+
+        q(m | x) = softmax_m(-||x - x_m||^2 / (2 bandwidth^2))
+
+    over the ``n_neighbors`` nearest training rows ``x_m``. It is computed once,
+    before training, and never changes: only the generative model (decoder,
+    noise scale and the codes ``z_m``) is trained, first on the MAPA bound of
+    the empiricalized model (one decoder pass per atom, no encoder), then,
+    optionally, on an importance-weighted bound of the continuous model whose
+    proposal is the MAPA mixture over the neighbours' codes.
+
+    The fitted estimator keeps its (standardized) training data: the
+    neighbour index, ``transform`` and the scoring proposal need it. Its size
+    grows with the data, and a saved model discloses the training rows.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=20
+        Neighbours in the MAPA posterior (reduced, with a warning, when there
+        are fewer training rows).
+    bandwidth : 'auto' or float, default='auto'
+        Kernel width ``tau`` in the standardized space. 'auto' is the mean
+        distance to the nearest neighbours (self excluded), floored at 1e-3;
+        the value used is ``bandwidth_``.
+    refine_iter : int, default=60
+        Epochs of the second phase (importance-weighted bound with the MAPA
+        mixture as proposal, MAPA still fixed); 0 skips it.
+    refine_samples : int, default=4
+        Importance samples per row in the second phase.
+    learn_codes : bool, default=True
+        Train the codes ``z_m`` in the first phase (re-matched to the prior
+        after every epoch); False keeps their a-priori initialisation.
+%(common_parameters)s
+
+    Attributes
+    ----------
+%(common_attributes)s
+    codes_ : torch.Tensor of shape (n_atoms, n_components)
+        The code of each training row (the atoms of the empirical prior),
+        distributed as N(0, I).
+    bandwidth_ : float
+        The MAPA bandwidth used.
+    n_neighbors_ : int
+        The number of neighbours used.
+    X_fit_ : ndarray of shape (n_atoms, n_features)
+        The standardized training rows with positive weight.
+
+    See Also
+    --------
+    VAEDensity, IWAEDensity : Jointly trained encoder baselines.
+
+    Examples
+    --------
+    >>> from skmapa import MAPADensity
+    >>> from skmapa.datasets import make_spiral
+    >>> data = make_spiral(500, random_state=0)
+    >>> est = MAPADensity(n_components=1, max_iter=20, refine_iter=5,
+    ...                   random_state=0).fit(data.X)
+    >>> est.transform(data.X[:2]).shape
+    (2, 1)
+    >>> est.score_samples(data.X[:3]).shape
+    (3,)
+    >>> est.codes_.shape  # one code per training row, distributed as N(0, 1)
+    torch.Size([500, 1])
+    """
+
+    _default_max_iter = 250
+
+    _parameter_constraints = {
+        **BaseDeepDensity._parameter_constraints,
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "bandwidth": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
+        "refine_iter": [Interval(Integral, 0, None, closed="left")],
+        "refine_samples": [Interval(Integral, 1, None, closed="left")],
+        "learn_codes": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        *,
+        n_neighbors=20,
+        bandwidth="auto",
+        refine_iter=60,
+        refine_samples=4,
+        learn_codes=True,
+        n_components=2,
+        hidden_layer_sizes=(64, 64),
+        activation="tanh",
+        batch_size=128,
+        learning_rate_init=1e-3,
+        max_iter=250,
+        tol=1e-4,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        warm_start=False,
+        score_method="auto",
+        n_eval_samples=1024,
+        random_state=None,
+        verbose=0,
+        device="auto",
+        dtype="auto",
+    ):
+        super().__init__(
+            n_components=n_components,
+            hidden_layer_sizes=hidden_layer_sizes,
+            activation=activation,
+            batch_size=batch_size,
+            learning_rate_init=learning_rate_init,
+            max_iter=max_iter,
+            tol=tol,
+            early_stopping=early_stopping,
+            validation_fraction=validation_fraction,
+            n_iter_no_change=n_iter_no_change,
+            warm_start=warm_start,
+            score_method=score_method,
+            n_eval_samples=n_eval_samples,
+            random_state=random_state,
+            verbose=verbose,
+            device=device,
+            dtype=dtype,
+        )
+        self.n_neighbors = n_neighbors
+        self.bandwidth = bandwidth
+        self.refine_iter = refine_iter
+        self.refine_samples = refine_samples
+        self.learn_codes = learn_codes
+
+    # ------------------------------------------------------------------
+    # the a-priori part: neighbours, weights, statistics, codes
+    # ------------------------------------------------------------------
+    def _network_specs(self, n_features):
+        sizes = tuple(int(s) for s in self.hidden_layer_sizes)
+        return {
+            "decoder_": (GaussianDecoder, self.n_components, n_features, sizes,
+                         self.activation)
+        }
+
+    def _initialize(self, data, generator):
+        self.decoder_ = build(
+            GaussianDecoder, generator, *self._network_specs(data.X.shape[1])["decoder_"][1:]
+        )
+        self._set_atoms(data, generator)
+
+    def _warm_start(self, data, generator):
+        # new atoms start from the codes that ``transform`` gives them
+        self._set_atoms(data, generator, codes=self.transform(
+            data.X.double().cpu().numpy() * self.scale_ + self.mean_))
+
+    def _set_atoms(self, data, generator, codes=None):
+        """The a-priori part: neighbours, MAPA weights, bandwidth and codes."""
+        X = data.X.double().cpu().numpy()
+        w = data.weights.double().cpu().numpy()
+        keep = w > 0
+        X, w = X[keep], w[keep]
+        n = X.shape[0]
+        k = self.n_neighbors
+        if k > n:
+            warnings.warn(
+                f"n_neighbors={k} is larger than the number of training rows "
+                f"with positive weight ({n}); using n_neighbors={n}.",
+                UserWarning,
+            )
+            k = n
+        self.n_neighbors_ = k
+        self.X_fit_ = X
+        self.atom_log_prior_ = np.log(w / w.sum())
+        self.neighbors_ = _mapa.fit_neighbors(X)
+        dist, idx = _mapa.kneighbors(self.neighbors_, X, k)
+        self.bandwidth_ = (
+            _mapa.auto_bandwidth(dist) if self.bandwidth == "auto" else float(self.bandwidth)
+        )
+        log_q = _mapa.mapa_log_weights(dist, idx, self.bandwidth_, self.atom_log_prior_)
+        rng = check_random_state(int(torch.randint(2**31 - 1, (), generator=generator)))
+        if codes is None:
+            codes = _mapa.spectral_codes(X, idx, log_q, self.n_components, rng)
+        else:
+            codes = codes[keep]
+        codes = _mapa.match_prior(codes, w, rng, _mapa.INIT_ROTATIONS)
+        self.codes_ = torch.as_tensor(codes, device=self.device_).to(self._torch_dtype)
+        self._rng = rng
+        self._train_stats = (idx, log_q, w)
+
+    def _neighbour_proposal(self, Xs):
+        """MAPA over each row's neighbours: (idx tensor, log q tensor)."""
+        dist, idx = _mapa.kneighbors(
+            self.neighbors_, Xs.double().cpu().numpy(), self.n_neighbors_
+        )
+        log_q = _mapa.mapa_log_weights(dist, idx, self.bandwidth_, self.atom_log_prior_)
+        return (
+            torch.as_tensor(idx, device=self.device_),
+            torch.as_tensor(log_q, device=self.device_).to(self._torch_dtype),
+        )
+
+    # ------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------
+    def _training_stages(self, data):
+        dtype, device = self._torch_dtype, self.device_
+        idx, log_q, w = self._train_stats
+        del self._train_stats
+        X = self.X_fit_
+        wbar, xbar, spread = _mapa.neighbour_statistics(X, idx, log_q, w)
+        n_atoms = X.shape[0]
+        total_w = float(w.sum())
+        t = lambda a: torch.as_tensor(a, device=device).to(dtype)  # noqa: E731
+        wbar_t, xbar_t, spread_t = t(wbar), t(xbar), t(spread)
+        # constant of the bound: entropy of q and the log prior of the atoms
+        q = np.exp(log_q)
+        const = float(
+            np.sum(w * np.sum(q * (self.atom_log_prior_[idx] - log_q), axis=1)) / total_w
+        )
+        codes = torch.nn.Parameter(self.codes_.to(device=device, dtype=dtype))
+        self.codes_ = codes
+        decoder = self.decoder_
+        D = X.shape[1]
+        log2pi = 0.5 * D * math.log(2 * math.pi)
+
+        def phase1_loss(batch, generator):
+            f = decoder(codes[batch])
+            scale = decoder.scale
+            resid = (wbar_t[batch, None] * (xbar_t[batch] - f) ** 2 / scale**2).sum()
+            expected = (
+                -0.5 * (resid * (n_atoms / batch.numel()) + (spread_t / scale**2).sum())
+                / total_w
+                - torch.log(scale).sum()
+                - log2pi
+            )
+            loss = -expected
+            return loss, loss.detach() - const
+
+        stages = [
+            TrainingStage(
+                "mapa",
+                n_atoms,
+                phase1_loss,
+                list(decoder.parameters()) + ([codes] if self.learn_codes else []),
+                self.max_iter,
+                self._validation_phase1(data, const),
+                after_epoch=self._rematch_codes if self.learn_codes else None,
+            ),
+        ]
+        if self.refine_iter > 0:
+            stages.append(self._refine_stage(data, idx, log_q, w))
+        return stages
+
+    def _rematch_codes(self):
+        with torch.no_grad():
+            codes = self.codes_.detach().double().cpu().numpy()
+            w = np.exp(self.atom_log_prior_)
+            new = _mapa.match_prior(codes, w, self._rng, 1)
+            self.codes_.copy_(torch.as_tensor(new).to(self.codes_))
+
+    def _validation_phase1(self, data, const):
+        if data.X_val is None:
+            return None
+        Xv = data.X_val
+        idx, log_q = self._neighbour_proposal(Xv)
+        wv = data.weights_val
+
+        log_prior = torch.as_tensor(self.atom_log_prior_, device=self.device_)[idx]
+        log_prior = log_prior.to(self._torch_dtype)
+
+        def validation():
+            lp = self.decoder_.log_prob(Xv.unsqueeze(1), self.codes_[idx])
+            bound = (torch.exp(log_q) * (lp + log_prior - log_q)).sum(1)
+            return -(wv * bound).mean()
+
+        return validation
+
+    def _proposal_from(self, idx, log_q):
+        codes = self.codes_.detach()
+        return codes[idx], self._atom_log_scales[idx], log_q
+
+    def _refine_stage(self, data, idx, log_q, w):
+        device, dtype = self.device_, self._torch_dtype
+        Xt = torch.as_tensor(self.X_fit_, device=device).to(dtype)
+        idx_t = torch.as_tensor(idx, device=device)
+        log_q_t = torch.as_tensor(log_q, device=device).to(dtype)
+        w_t = torch.as_tensor(w / w.mean(), device=device).to(dtype)
+
+        def loss(batch, generator):
+            bound = self._refine_bound(Xt[batch], idx_t[batch], log_q_t[batch], generator)
+            value = -(w_t[batch] * bound).mean()
+            return value, value.detach()
+
+        validation = None
+        if data.X_val is not None:
+            val_idx, val_log_q = self._neighbour_proposal(data.X_val)
+            val_generator = torch.Generator()
+
+            def validation():
+                bound = self._refine_bound(
+                    data.X_val, val_idx, val_log_q, val_generator.manual_seed(0)
+                )
+                return -(data.weights_val * bound).mean()
+
+        return TrainingStage(
+            "refine",
+            Xt.shape[0],
+            loss,
+            list(self.decoder_.parameters()),
+            self.refine_iter,
+            validation,
+            before=self._update_atom_scales,
+        )
+
+    def _refine_bound(self, x, idx, log_q, generator):
+        """Importance-weighted bound of the continuous model, MAPA proposal."""
+        n, K, d = x.shape[0], self.refine_samples, self.n_components
+        means, log_stds, log_w = add_prior_component(*self._proposal_from(idx, log_q))
+        eps = torch.randn((n, K, d), generator=generator, dtype=torch.float64)
+        u0 = torch.rand((n, 1), generator=generator, dtype=torch.float64)
+        return mixture_importance_log_px(
+            x,
+            self.decoder_,
+            means,
+            log_stds,
+            log_w,
+            eps.to(device=self.device_, dtype=self._torch_dtype),
+            u0.to(device=self.device_, dtype=self._torch_dtype),
+        )
+
+    def _update_atom_scales(self):
+        with torch.no_grad():
+            self._atom_log_scales = _mapa.laplace_log_scales(
+                self.decoder_, self.codes_.detach()
+            ) + math.log(_mapa.PROPOSAL_WIDENING)
+
+    # ------------------------------------------------------------------
+    # scoring proposal and transform
+    # ------------------------------------------------------------------
+    def _finish_fit(self, counts_before, generator):
+        if isinstance(self.codes_, torch.nn.Parameter):
+            self.codes_ = self.codes_.detach()
+        self.__dict__.pop("_rng", None)
+        self._update_atom_scales()
+        super()._finish_fit(counts_before, generator)
+
+    def _proposal(self, X):
+        idx, log_q = self._neighbour_proposal(X)
+        return self._proposal_from(idx, log_q)
+
+    def _encode(self, X):
+        idx, log_q = self._neighbour_proposal(X)
+        return (torch.exp(log_q).unsqueeze(-1) * self.codes_[idx]).sum(1)
