@@ -96,8 +96,10 @@ _COMMON_PARAMETERS = """
         Hidden layer widths of each network, as in ``MLPRegressor``.
     activation : {'identity', 'logistic', 'tanh', 'relu'}, default='tanh'
         Activation of the hidden layers.
-    batch_size : int, default=128
-        Minibatch size (clipped to the number of training units).
+    batch_size : int or 'auto', default='auto'
+        Minibatch size (clipped to the number of training units). 'auto' is
+        ``clip(n_units // 200, 128, 4096)``: 128 up to 25,600 training units,
+        then larger so that an epoch takes at most ~200 steps.
     learning_rate_init : float, default=1e-3
         Adam step size.
     max_iter : int, default=%(max_iter)s
@@ -199,7 +201,7 @@ class BaseDeepDensity(
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "hidden_layer_sizes": ["array-like"],
         "activation": [StrOptions(set(ACTIVATIONS))],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -221,7 +223,7 @@ class BaseDeepDensity(
         n_components=2,
         hidden_layer_sizes=(64, 64),
         activation="tanh",
-        batch_size=128,
+        batch_size="auto",
         learning_rate_init=1e-3,
         max_iter=200,
         tol=1e-4,
@@ -503,7 +505,10 @@ class BaseDeepDensity(
         params = [p for p in stage.parameters if p.requires_grad]
         lr = self.learning_rate_init
         optimizer = torch.optim.Adam(params, lr=lr)
-        batch = int(min(self.batch_size, stage.n_units))
+        batch = self.batch_size
+        if batch == "auto":
+            batch = int(np.clip(stage.n_units // 200, 128, 4096))
+        batch = int(min(batch, stage.n_units))
         best, no_improve = np.inf, 0
         best_snapshot = None
         monitor_val = self.early_stopping and stage.validation_loss is not None

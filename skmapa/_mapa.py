@@ -167,11 +167,14 @@ def laplace_log_scales(decoder, codes):
     """
     d = codes.shape[1]
     inv_var = 1.0 / decoder.scale.detach() ** 2
-    prec = []
+    out = []
     with torch.no_grad():
-        for j in range(d):
-            tangent = torch.zeros_like(codes)
-            tangent[:, j] = 1.0
-            _, jvp = torch.func.jvp(decoder.mean_net.net, (codes,), (tangent,))
-            prec.append(1.0 + (jvp * jvp * inv_var).sum(-1))
-    return -0.5 * torch.log(torch.stack(prec, dim=-1))
+        for chunk in codes.split(65536):
+            prec = []
+            for j in range(d):
+                tangent = torch.zeros_like(chunk)
+                tangent[:, j] = 1.0
+                _, jvp = torch.func.jvp(decoder.mean_net.net, (chunk,), (tangent,))
+                prec.append(1.0 + (jvp * jvp * inv_var).sum(-1))
+            out.append(-0.5 * torch.log(torch.stack(prec, dim=-1)))
+    return torch.cat(out)

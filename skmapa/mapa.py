@@ -109,7 +109,7 @@ class MAPADensity(BaseDeepDensity):
         n_components=2,
         hidden_layer_sizes=(64, 64),
         activation="tanh",
-        batch_size=128,
+        batch_size="auto",
         learning_rate_init=1e-3,
         max_iter=250,
         tol=1e-4,
@@ -359,6 +359,11 @@ class MAPADensity(BaseDeepDensity):
         self.__dict__.pop("_rng", None)
         self._update_atom_scales()
         super()._finish_fit(counts_before, generator)
+
+    def _after_load(self):
+        """Rebuild derived state after ``skmapa.load``: index and atom widths."""
+        self.neighbors_ = _mapa.fit_neighbors(self.X_fit_)
+        self._update_atom_scales()
 
     def _proposal(self, X):
         idx, log_q = self._neighbour_proposal(X)
