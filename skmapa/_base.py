@@ -363,22 +363,32 @@ class BaseDeepDensity(
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
         generator = torch_generator(self.random_state)
-        if not warm:
-            self._set_standardization(X, sample_weight)
-        self.device_ = device
-        self._torch_dtype = dtype
-        data = self._training_data(X, sample_weight, generator)
-        if warm:
-            self._move_networks()
-            self._warm_start(data, generator)
-        else:
-            self.loss_curve_ = []
-            self.validation_scores_ = [] if self.early_stopping else None
-            self.n_iter_ = 0
-            self.n_row_passes_ = {}
-            self._initialize(data, generator)
-            self._move_networks()
-        self._train(data, generator)
+        attributes_before = set(vars(self))
+        self._usable = warm
+        try:
+            if not warm:
+                self._set_standardization(X, sample_weight)
+            self.device_ = device
+            self._torch_dtype = dtype
+            data = self._training_data(X, sample_weight, generator)
+            if warm:
+                self._move_networks()
+                self._warm_start(data, generator)
+            else:
+                self.loss_curve_ = []
+                self.validation_scores_ = [] if self.early_stopping else None
+                self.n_iter_ = 0
+                self.n_row_passes_ = {}
+                self._initialize(data, generator)
+                self._move_networks()
+            self._train(data, generator)
+        except BaseException:
+            if not self._usable:
+                # a fresh fit that failed before its model was complete must not
+                # look fitted: drop what this call added
+                for name in set(vars(self)) - attributes_before:
+                    delattr(self, name)
+            raise
         return self
 
     def _set_standardization(self, X, sample_weight):
@@ -573,7 +583,8 @@ class BaseDeepDensity(
                 if monitor_val:
                     msg += f", validation loss {metric:.5f}"
                 print(msg + f", {time.perf_counter() - start:.1f} s")
-            no_improve = no_improve + 1 if metric > best - self.tol else 0
+            improved = np.isfinite(metric) and metric <= best - self.tol
+            no_improve = 0 if improved else no_improve + 1
             best = min(best, metric)
             if no_improve >= self.n_iter_no_change:
                 return True, best_snapshot
@@ -588,6 +599,7 @@ class BaseDeepDensity(
 
     def _finish_fit(self, counts_before, generator):
         """Build everything scoring needs, so nothing is built lazily later."""
+        self._usable = True
         counts = self._row_counts()
         passes = dict(self.n_row_passes_)
         for name, value in counts.items():

@@ -174,6 +174,12 @@ def test_persistent_non_finite_loss_raises_floating_point_error(
     # every retry stops at its first batch: one try plus MAX_RECOVERIES
     assert len(log) == _base.MAX_RECOVERIES + 1
     assert all(same_state(s, log[0][1]) for _, s in log)
+    # a fresh fit that failed leaves no half-fitted model behind
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
 
 
 def test_failed_warm_refit_keeps_the_previous_model(Estimator, X, monkeypatch):
