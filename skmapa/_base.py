@@ -347,6 +347,7 @@ class BaseDeepDensity(
         """
         self._validate_params()
         warm = self.warm_start and hasattr(self, "decoder_")
+        attributes_before = set(vars(self)) - {"n_features_in_", "feature_names_in_"}
         X = validate_data(
             self,
             X,
@@ -363,7 +364,6 @@ class BaseDeepDensity(
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
         generator = torch_generator(self.random_state)
-        attributes_before = set(vars(self))
         self._usable = warm
         try:
             if not warm:
