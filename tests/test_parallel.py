@@ -48,6 +48,9 @@ def test_search_on_a_local_dask_cluster_matches_local_search(curve_data):
             distributed.Client(cluster):
         with parallel_backend("dask"):
             remote = GridSearchCV(est, grid, cv=2, n_jobs=-1).fit(X)
+    # Worker processes may run BLAS with other thread pools than this one;
+    # training amplifies last-bit differences to ~1e-7 relative (seen with
+    # numpy 1.26), so "the same search" is checked at rtol=1e-6.
     np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
-                               local.cv_results_["mean_test_score"], rtol=1e-10)
+                               local.cv_results_["mean_test_score"], rtol=1e-6)
     assert remote.best_params_ == local.best_params_
