@@ -150,7 +150,7 @@ _COMMON_ATTRIBUTES = """
         Standardization applied inside the estimator.
     n_features_in_ : int
         Number of features seen during ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Names of features seen during ``fit``, when X has string column names.
     n_iter_ : int
         Epochs run, over all training stages.
@@ -344,6 +344,17 @@ class BaseDeepDensity(
         -------
         self : object
             The fitted estimator.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skmapa import VAEDensity
+        >>> X = np.random.RandomState(0).normal(size=(100, 2))
+        >>> est = VAEDensity(n_components=1, max_iter=5, random_state=0)
+        >>> est.fit(X) is est
+        True
+        >>> est.n_iter_, len(est.loss_curve_)
+        (5, 5)
         """
         self._validate_params()
         warm = self.warm_start and hasattr(self, "decoder_")
@@ -699,6 +710,15 @@ class BaseDeepDensity(
         log_density : ndarray of shape (n_samples,)
             Estimate of log p(x) (quadrature or importance sampling, see
             ``score_method``); never a training bound.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skmapa import VAEDensity
+        >>> X = np.random.RandomState(0).normal(size=(100, 2))
+        >>> est = VAEDensity(n_components=1, max_iter=5, random_state=0).fit(X)
+        >>> est.score_samples(X[:4]).shape
+        (4,)
         """
         X = self._check_X(X)
         return self._log_px(X)
@@ -717,6 +737,15 @@ class BaseDeepDensity(
         -------
         score : float
             ``score_samples(X).mean()``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skmapa import VAEDensity
+        >>> X = np.random.RandomState(0).normal(size=(100, 2))
+        >>> est = VAEDensity(n_components=1, max_iter=5, random_state=0).fit(X)
+        >>> bool(est.score(X) == est.score_samples(X).mean())
+        True
         """
         return float(np.mean(self.score_samples(X)))
 
@@ -734,6 +763,15 @@ class BaseDeepDensity(
         -------
         X : ndarray of shape (n_samples, n_features)
             Samples in X's units.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skmapa import VAEDensity
+        >>> X = np.random.RandomState(0).normal(size=(100, 2))
+        >>> est = VAEDensity(n_components=1, max_iter=5, random_state=0).fit(X)
+        >>> est.sample(3, random_state=0).shape
+        (3, 2)
         """
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or isinstance(n_samples, bool) or (
@@ -764,6 +802,15 @@ class BaseDeepDensity(
         -------
         Z : ndarray of shape (n_samples, n_components)
             The estimator's code for each row (see the estimator's docstring).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skmapa import VAEDensity
+        >>> X = np.random.RandomState(0).normal(size=(100, 2))
+        >>> est = VAEDensity(n_components=1, max_iter=5, random_state=0).fit(X)
+        >>> est.transform(X[:3]).shape
+        (3, 1)
         """
         X = self._check_X(X)
         Xs = self._standardize(X)
@@ -783,6 +830,15 @@ class BaseDeepDensity(
         -------
         X_original : ndarray of shape (n_samples, n_features)
             Decoded rows.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skmapa import VAEDensity
+        >>> X = np.random.RandomState(0).normal(size=(100, 2))
+        >>> est = VAEDensity(n_components=1, max_iter=5, random_state=0).fit(X)
+        >>> est.inverse_transform(np.zeros((2, 1))).shape
+        (2, 2)
         """
         check_is_fitted(self)
         Z = check_array(X, dtype=np.float64, input_name="X")
