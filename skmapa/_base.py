@@ -382,6 +382,9 @@ class BaseDeepDensity(
             self.device_ = device
             self._torch_dtype = dtype
             data = self._training_data(X, sample_weight, generator)
+            # rows pushed through the networks from here on are this fit's cost
+            # (a fresh fit's networks are built below, with zero counts)
+            counts_before = self._row_counts() if warm else {}
             if warm:
                 self._move_networks()
                 self._warm_start(data, generator)
@@ -392,7 +395,7 @@ class BaseDeepDensity(
                 self.n_row_passes_ = {}
                 self._initialize(data, generator)
                 self._move_networks()
-            self._train(data, generator)
+            self._train(data, generator, counts_before)
         except BaseException:
             if not self._usable:
                 # a fresh fit that failed before its model was complete must not
@@ -491,8 +494,7 @@ class BaseDeepDensity(
             for name, module in self._networks().items()
         }
 
-    def _train(self, data, generator):
-        counts_before = self._row_counts()
+    def _train(self, data, generator, counts_before):
         converged = True
         stage = stage_name = None
         best_snapshot = None

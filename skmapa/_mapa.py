@@ -25,6 +25,8 @@ INIT_SUBSAMPLE = 4000
 #: posteriors (2-D latent on a curve: error vs quadrature 0.048 nats at 1x,
 #: 0.041 at 2x, 1024 draws).
 PROPOSAL_WIDENING = 2.0
+#: Epochs of the short phase-1 run that scores each candidate initialisation.
+INIT_TRIAL_EPOCHS = 15
 #: Random rotations of the prior-matching projection at initialisation.
 INIT_ROTATIONS = 30
 
@@ -156,6 +158,17 @@ def spectral_codes(X, idx, log_q, n_components, rng):
     emb = emb / np.where(sd > 0, sd, 1.0)
     # break exact ties (duplicated rows) so ranks are well defined
     return emb + 1e-9 * rng.standard_normal(emb.shape)
+
+
+def angle_codes(X, idx, log_q, rng):
+    """1-D codes from the angle of the 2-D spectral embedding.
+
+    A 1-D spectral embedding folds a closed curve onto itself (the Fiedler
+    vector of a loop is cos(theta)); the angle of the first two coordinates
+    unrolls it, at the price of one cut.
+    """
+    emb = spectral_codes(X, idx, log_q, 2, rng)
+    return np.arctan2(emb[:, 1], emb[:, 0])[:, None]
 
 
 def laplace_log_scales(decoder, codes):

@@ -6,6 +6,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
@@ -63,6 +64,11 @@ class MAPADensity(BaseDeepDensity):
         distributed as N(0, I).
     bandwidth_ : float
         The MAPA bandwidth used.
+    init_scores_ : list of float or None
+        With ``n_components=1``, the negative MAPA bound reached by a short
+        phase-1 run from each candidate initialisation of the codes (1-D
+        spectral embedding, angle of the 2-D spectral embedding); the best
+        one is kept.
     n_neighbors_ : int
         The number of neighbours used.
     X_fit_ : ndarray of shape (n_atoms, n_features)
@@ -162,7 +168,7 @@ class MAPADensity(BaseDeepDensity):
     def _initialize(self, data, generator):
         self.decoder_ = build(
             GaussianDecoder, generator, *self._network_specs(data.X.shape[1])["decoder_"][1:]
-        )
+        ).to(device=self.device_, dtype=self._torch_dtype)
         self._set_atoms(data, generator)
 
     def _warm_start(self, data, generator):
@@ -195,14 +201,47 @@ class MAPADensity(BaseDeepDensity):
         )
         log_q = _mapa.mapa_log_weights(dist, idx, self.bandwidth_, self.atom_log_prior_)
         rng = check_random_state(int(torch.randint(2**31 - 1, (), generator=generator)))
-        if codes is None:
-            codes = _mapa.spectral_codes(X, idx, log_q, self.n_components, rng)
-        else:
-            codes = codes[keep]
-        codes = _mapa.match_prior(codes, w, rng, _mapa.INIT_ROTATIONS)
-        self.codes_ = torch.as_tensor(codes, device=self.device_).to(self._torch_dtype)
         self._rng = rng
         self._train_stats = (idx, log_q, w)
+        if codes is not None:
+            candidates = [codes[keep]]
+        else:
+            candidates = [_mapa.spectral_codes(X, idx, log_q, self.n_components, rng)]
+            if self.n_components == 1 and n > 3:
+                candidates.append(_mapa.angle_codes(X, idx, log_q, rng))
+        candidates = [
+            torch.as_tensor(_mapa.match_prior(c, w, rng, _mapa.INIT_ROTATIONS),
+                            device=self.device_).to(self._torch_dtype)
+            for c in candidates
+        ]
+        self.codes_ = candidates[0]
+        self.init_scores_ = None
+        if len(candidates) > 1:
+            self.codes_ = self._best_initialisation(candidates, generator)
+
+    def _best_initialisation(self, candidates, generator):
+        """The candidate codes whose short phase-1 run reaches the best bound.
+
+        Model-agnostic (the MAPA bound itself decides) and cheap: each trial is
+        ``INIT_TRIAL_EPOCHS`` epochs from the same decoder initialisation; the
+        trials' decoder passes count in ``n_row_passes_``.
+        """
+        decoder_init = {k: v.clone() for k, v in self.decoder_.state_dict().items()}
+        saved = (self.loss_curve_, self.n_iter_, self.validation_scores_)
+        scores = []
+        for codes in candidates:
+            self.decoder_.load_state_dict(decoder_init)
+            self.codes_ = codes.clone()
+            self.loss_curve_, self.n_iter_, self.validation_scores_ = [], 0, None
+            stage = self._phase1_stage(min(self.max_iter, _mapa.INIT_TRIAL_EPOCHS))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                self._run_stage(stage, generator, 0.0)
+            scores.append(float(np.mean(self.loss_curve_[-3:])) if self.loss_curve_ else 0.0)
+        self.loss_curve_, self.n_iter_, self.validation_scores_ = saved
+        self.decoder_.load_state_dict(decoder_init)
+        self.init_scores_ = scores
+        return candidates[int(np.argmin(scores))]
 
     def _neighbour_proposal(self, Xs):
         """MAPA over each row's neighbours: (idx tensor, log q tensor)."""
@@ -218,10 +257,10 @@ class MAPADensity(BaseDeepDensity):
     # ------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------
-    def _training_stages(self, data):
+    def _phase1_stage(self, max_iter, data=None):
+        """The decoder-only MAPA bound, regrouped by atom (one pass per atom)."""
         dtype, device = self._torch_dtype, self.device_
         idx, log_q, w = self._train_stats
-        del self._train_stats
         X = self.X_fit_
         wbar, xbar, spread = _mapa.neighbour_statistics(X, idx, log_q, w)
         n_atoms = X.shape[0]
@@ -233,11 +272,10 @@ class MAPADensity(BaseDeepDensity):
         const = float(
             np.sum(w * np.sum(q * (self.atom_log_prior_[idx] - log_q), axis=1)) / total_w
         )
-        codes = torch.nn.Parameter(self.codes_.to(device=device, dtype=dtype))
+        codes = torch.nn.Parameter(self.codes_.detach().to(device=device, dtype=dtype))
         self.codes_ = codes
         decoder = self.decoder_
-        D = X.shape[1]
-        log2pi = 0.5 * D * math.log(2 * math.pi)
+        log2pi = 0.5 * X.shape[1] * math.log(2 * math.pi)
 
         def phase1_loss(batch, generator):
             f = decoder(codes[batch])
@@ -252,17 +290,20 @@ class MAPADensity(BaseDeepDensity):
             loss = -expected
             return loss, loss.detach() - const
 
-        stages = [
-            TrainingStage(
-                "mapa",
-                n_atoms,
-                phase1_loss,
-                list(decoder.parameters()) + ([codes] if self.learn_codes else []),
-                self.max_iter,
-                self._validation_phase1(data, const),
-                after_epoch=self._rematch_codes if self.learn_codes else None,
-            ),
-        ]
+        return TrainingStage(
+            "mapa",
+            n_atoms,
+            phase1_loss,
+            list(decoder.parameters()) + ([codes] if self.learn_codes else []),
+            max_iter,
+            self._validation_phase1(data) if data is not None else None,
+            after_epoch=self._rematch_codes if self.learn_codes else None,
+        )
+
+    def _training_stages(self, data):
+        stages = [self._phase1_stage(self.max_iter, data)]
+        idx, log_q, w = self._train_stats
+        del self._train_stats
         if self.refine_iter > 0:
             stages.append(self._refine_stage(data, idx, log_q, w))
         return stages
@@ -274,7 +315,7 @@ class MAPADensity(BaseDeepDensity):
             new = _mapa.match_prior(codes, w, self._rng, 1)
             self.codes_.copy_(torch.as_tensor(new).to(self.codes_))
 
-    def _validation_phase1(self, data, const):
+    def _validation_phase1(self, data):
         if data.X_val is None:
             return None
         Xv = data.X_val

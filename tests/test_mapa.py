@@ -78,7 +78,7 @@ def test_regrouped_bound_equals_per_row_bound():
                           torch.as_tensor(wn))
     est._train_stats = (idx, log_q, wn)
     est._rng = np.random.RandomState(0)
-    stage = est._training_stages(data_t)[0]
+    stage = est._phase1_stage(1, data_t)
     _, value = stage.batch_loss(torch.arange(200), None)
     assert float(value) == pytest.approx(expected, rel=1e-10)
 
@@ -187,8 +187,10 @@ def test_no_encoder_and_decoder_only_passes(curve_data):
     est = MAPADensity(n_components=1, max_iter=4, refine_iter=2, refine_samples=3,
                       tol=0, random_state=0).fit(X)
     assert not hasattr(est, "encoder_")
-    # phase 1: one decoder row per atom per epoch; phase 2: refine_samples per row
-    assert est.n_row_passes_ == {"decoder": 4 * len(X) + 2 * 3 * len(X)}
+    # phase 1: one decoder row per atom per epoch, also in the trial run of
+    # each of the two candidate initialisations; phase 2: refine_samples per row
+    assert len(est.init_scores_) == 2
+    assert est.n_row_passes_ == {"decoder": (2 * 4 + 4) * len(X) + 2 * 3 * len(X)}
 
 
 def test_mapa_beats_a_blob_on_a_spiral():
