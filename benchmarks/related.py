@@ -1,0 +1,333 @@
+"""Related methods: likelihood before inference (LiBI) and recursive mixture encoders.
+
+Runs VAEDensity and IWAEDensity on every synthetic data set of
+``skmapa.datasets`` (1-D latent, exact log-density) in four configurations
+each, and writes ``benchmarks/results/related.md``::
+
+    python benchmarks/related.py                 # the full study
+    python benchmarks/related.py --quick         # a smoke run (minutes)
+    python benchmarks/related.py --jobs 2        # fits in parallel processes
+
+Measured per fit (``n_components=1``, so log p(x) is exact quadrature):
+
+* held-out KL: ``mean(log p_true(x) - score_samples(x))`` on test rows, in
+  nats: the density error (0 is perfect, smaller is better);
+* aggregate-posterior KL: ``KL(q_agg || N(0, 1))`` where ``q_agg(z) =
+  (1/N) sum_i q(z | x_i)`` over the training rows, estimated by Monte Carlo
+  with draws from q_agg and q_agg's exact mixture density: how far the
+  encoder's codes are from the prior the decoder is sampled from;
+* ``mean`` and ``std`` of q_agg (the prior has 0 and 1);
+* inference gap: ``mean(log p_model(x) - ELBO_q(x))`` on test rows, the ELBO
+  of the encoder's q (Gaussian or mixture) with 256 draws per component, and
+  log p_model by quadrature; equal to the mean ``KL(q(z|x) || p(z|x))``;
+  for a mixture encoder also the gap of its first component alone;
+* amortization gap (Cremer, Li & Duvenaud): ``ELBO(q*) - ELBO(q)`` with q*
+  the best Gaussian of each row, by ``skmapa.diagnostics.inference_gaps``
+  on the first 100 test rows (negative when a mixture q beats q*);
+* held-out log-likelihood (mean ``score_samples``), epochs, fit seconds.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+import warnings
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from skmapa import IWAEDensity, VAEDensity  # noqa: E402
+from skmapa._objectives import mixture_elbo  # noqa: E402
+from skmapa.datasets import DATASETS  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results", "related.md")
+
+#: (label, estimator class, extra parameters)
+CONFIGS = {
+    "VAE": (VAEDensity, {}),
+    "VAE libi": (VAEDensity, {"training": "libi"}),
+    "VAE recursive": (VAEDensity, {"encoder": "recursive"}),
+    "VAE libi+recursive": (VAEDensity, {"training": "libi", "encoder": "recursive"}),
+    "IWAE": (IWAEDensity, {}),
+    "IWAE libi": (IWAEDensity, {"training": "libi"}),
+    "IWAE recursive": (IWAEDensity, {"encoder": "recursive"}),
+}
+#: The columns of the two parts of the report.
+LIBI_COLUMNS = ["VAE", "VAE libi", "IWAE", "IWAE libi"]
+RECURSIVE_COLUMNS = ["VAE", "VAE recursive", "VAE libi", "VAE libi+recursive", "IWAE",
+                     "IWAE recursive"]
+#: Test rows and settings of skmapa.diagnostics.inference_gaps (the amortization gap).
+GAP_ROWS = 100
+GAP_SETTINGS = dict(n_samples=1024, n_ais_steps=200, n_ais_chains=16, n_opt_iter=200,
+                    n_elbo_samples=256)
+COMMON = dict(n_components=1)
+AGG_DRAWS = 4000
+ELBO_DRAWS = 256
+
+
+def encoder_mixture(est, X):
+    """q(z | x) of each row as a mixture: (means, log_stds, log_weights) tensors."""
+    with torch.no_grad():
+        return est._q(est._standardize(X))
+
+
+def aggregate_posterior(est, X, seed=0):
+    """KL(q_agg || N(0, I)) by Monte Carlo, and q_agg's mean and std (1-D)."""
+    means, log_stds, log_w = (t.double() for t in encoder_mixture(est, X))
+    n, C, d = means.shape
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(n, (AGG_DRAWS,), generator=g)
+    comp = torch.multinomial(torch.exp(log_w[rows]), 1, generator=g).squeeze(1)
+    z = means[rows, comp] + torch.exp(log_stds[rows, comp]) * torch.randn(
+        (AGG_DRAWS, d), generator=g, dtype=torch.float64
+    )
+    flat_m, flat_s = means.reshape(n * C, d), torch.exp(log_stds).reshape(n * C, d)
+    flat_w = log_w.reshape(n * C) - np.log(n)
+    log_q = []
+    for zb in z.split(500):
+        lp = -0.5 * (((zb[:, None] - flat_m) / flat_s) ** 2).sum(-1) - torch.log(
+            flat_s
+        ).sum(-1) - 0.5 * d * np.log(2 * np.pi)
+        log_q.append(torch.logsumexp(lp + flat_w, dim=1))
+    log_q = torch.cat(log_q)
+    log_p = -0.5 * (z**2).sum(-1) - 0.5 * d * np.log(2 * np.pi)
+    w = torch.exp(log_w)
+    mean = float((w[..., None] * means).sum(1).mean())
+    second = float((w[..., None] * (means**2 + torch.exp(2 * log_stds))).sum(1).mean())
+    return float((log_q - log_p).mean()), mean, float(np.sqrt(max(second - mean**2, 0)))
+
+
+def inference_gap(est, X, seed=0, first_only=False):
+    """mean(log p_model(x) - ELBO_q(x)): quadrature minus a 256-draw ELBO.
+
+    ``first_only``: the ELBO of the first mixture component alone.
+    """
+    log_px = est._log_px(X, "quadrature") + est._log_det()
+    Xs = est._standardize(X)
+    mixture = encoder_mixture(est, X)
+    if first_only:
+        mixture = (mixture[0][:, :1], mixture[1][:, :1], torch.zeros_like(mixture[2][:, :1]))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(0, Xs.shape[0], 256):
+            part = tuple(t[i:i + 256] for t in mixture)
+            eps = torch.randn((ELBO_DRAWS, *part[0].shape), generator=g,
+                              dtype=torch.float64).to(Xs.dtype)
+            out.append(mixture_elbo(Xs[i:i + 256], est.decoder_, *part, eps)[0])
+    elbo = torch.cat(out).double().numpy()
+    return float(np.mean(log_px - elbo))
+
+
+def amortization_gap(est, X, seed=0):
+    """Cremer et al.'s amortization gap, mean over rows, by skmapa.diagnostics.
+
+    ``ELBO(q*) - ELBO(q)`` with q* the best diagonal Gaussian of each row;
+    NaN where ``inference_gaps`` is unavailable or does not support the
+    estimator's encoder.
+    """
+    try:
+        from skmapa.diagnostics import inference_gaps
+
+        gaps = inference_gaps(est, X, random_state=seed, **GAP_SETTINGS)
+    except (ImportError, TypeError, ValueError, RuntimeError):
+        return float("nan")
+    return float(gaps.summary["amortization_gap"])
+
+
+def run_one(dataset, label, seed, n_train, n_test, max_iter):
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    make = DATASETS[dataset]
+    train = make(n_samples=n_train, random_state=1000 + seed)
+    test = make(n_samples=n_test, random_state=2000 + seed)
+    cls, extra = CONFIGS[label]
+    est = cls(**COMMON, **extra, max_iter=max_iter, random_state=seed)
+    start = time.perf_counter()
+    est.fit(train.X)
+    seconds = time.perf_counter() - start
+    score = est.score_samples(test.X)
+    agg_kl, agg_mean, agg_std = aggregate_posterior(est, train.X, seed)
+    row = {
+        "dataset": dataset,
+        "config": label,
+        "seed": seed,
+        "heldout_kl": float(np.mean(test.log_density(test.X) - score)),
+        "heldout_ll": float(np.mean(score)),
+        "agg_kl": agg_kl,
+        "agg_mean": agg_mean,
+        "agg_std": agg_std,
+        "gap": inference_gap(est, test.X, seed),
+        "gap_first": (inference_gap(est, test.X, seed, first_only=True)
+                      if extra.get("encoder") == "recursive" else float("nan")),
+        "amortization_gap": amortization_gap(est, test.X[:GAP_ROWS], seed),
+        "epochs": int(est.n_iter_),
+        "seconds": seconds,
+    }
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
+          flush=True)
+    return row
+
+
+def _fmt(values, digits=3):
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def table(rows, datasets, configs, key, digits=3):
+    head = "| data set | " + " | ".join(configs) + " |"
+    lines = [head, "|" + "---|" * (len(configs) + 1)]
+    for ds in datasets:
+        cells = []
+        for cfg in configs:
+            vals = [r[key] for r in rows if r["dataset"] == ds and r["config"] == cfg]
+            cells.append(_fmt(vals, digits) if vals else "")
+        lines.append(f"| {ds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(rows, args, path):
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    configs = [c for c in CONFIGS if any(r["config"] == c for r in rows)]
+    libi = [c for c in LIBI_COLUMNS if c in configs]
+    recursive = [c for c in RECURSIVE_COLUMNS if c in configs]
+    seeds = sorted({r["seed"] for r in rows})
+    import sklearn
+
+    env = (
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"scikit-learn {sklearn.__version__}, {platform.machine()}, 1 thread per fit, "
+        f"{args.jobs} fit(s) at a time; {datetime.date.today().isoformat()}"
+    )
+    parts = [
+        "# Related methods: LiBI and recursive mixture encoders",
+        "",
+        "Written by `python benchmarks/related.py"
+        + (" --quick" if args.quick else "") + "`.",
+        f"Setting: every data set of `skmapa.datasets` (1-D latent), {args.n_train} "
+        f"training and {args.n_test} test rows (fresh draws), `n_components=1`, "
+        f"default networks (64, 64), `max_iter={args.max_iter}` per training stage "
+        f"with the default convergence criterion; seeds {seeds} "
+        "(mean ± standard deviation over seeds). " + env + ".",
+        "",
+        "Definitions (see the module docstring): held-out KL = mean(log p_true - "
+        "score_samples) on test rows (nats, lower is better); aggregate-posterior KL = "
+        "KL(q_agg || N(0, 1)) with q_agg = (1/N) sum_i q(z | x_i) over the training rows "
+        f"(Monte Carlo, {AGG_DRAWS} draws, exact q_agg density); inference gap = "
+        "mean(log p_model(x) - ELBO_q(x)) on test rows = mean KL(q(z|x) || p(z|x)) "
+        f"(quadrature and a {ELBO_DRAWS}-draw ELBO).",
+        "",
+        "## Likelihood before inference (LiBI)",
+        "",
+        "### Held-out KL (nats)",
+        "",
+        table(rows, datasets, libi, "heldout_kl"),
+        "",
+        "### Aggregate-posterior KL to the prior (nats)",
+        "",
+        table(rows, datasets, libi, "agg_kl"),
+        "",
+        "### Aggregate posterior: standard deviation (prior: 1)",
+        "",
+        table(rows, datasets, libi, "agg_std", 2),
+        "",
+        "### Aggregate posterior: mean (prior: 0)",
+        "",
+        table(rows, datasets, libi, "agg_mean", 2),
+        "",
+        "### Inference gap (nats)",
+        "",
+        table(rows, datasets, libi, "gap"),
+        "",
+        "## Recursive mixture encoder",
+        "",
+        "### Held-out log-likelihood (nats, higher is better)",
+        "",
+        table(rows, datasets, recursive, "heldout_ll"),
+        "",
+        "### Held-out KL (nats)",
+        "",
+        table(rows, datasets, recursive, "heldout_kl"),
+        "",
+        "### Inference gap log p(x) - ELBO (nats)",
+        "",
+        table(rows, datasets, recursive, "gap"),
+        "",
+        "### Inference gap of the first component alone (nats; same fitted model)",
+        "",
+        table(rows, datasets, [c for c in recursive if "recursive" in c], "gap_first"),
+        "",
+        "### Amortization gap ELBO(q*) - ELBO(q) (nats; `skmapa.diagnostics.inference_gaps`, "
+        f"first {GAP_ROWS} test rows; q* the best Gaussian per row)",
+        "",
+        table(rows, datasets, recursive, "amortization_gap"),
+        "",
+        "### Aggregate-posterior KL to the prior (nats)",
+        "",
+        table(rows, datasets, recursive, "agg_kl"),
+        "",
+        "## Cost",
+        "",
+        "### Epochs (all stages)",
+        "",
+        table(rows, datasets, configs, "epochs", 0),
+        "",
+        "### Fit seconds",
+        "",
+        table(rows, datasets, configs, "seconds", 1),
+        "",
+    ]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("\n".join(parts))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="two data sets, one seed, few epochs")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--output", default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.n_train, args.n_test, args.max_iter = 1, 500, 500, 20
+        args.datasets = args.datasets[:2]
+    tasks = [
+        (ds, cfg, seed, args.n_train, args.n_test, args.max_iter)
+        for ds in args.datasets
+        for seed in range(args.seeds)
+        for cfg in args.configs
+    ]
+    if args.jobs > 1:
+        from joblib import Parallel, delayed
+
+        rows = Parallel(n_jobs=args.jobs, verbose=10)(
+            delayed(run_one)(*task) for task in tasks
+        )
+    else:
+        rows = [run_one(*task) for task in tasks]
+    write_report(rows, args, args.output)
+    print(f"wrote {args.output}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
