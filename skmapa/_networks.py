@@ -145,3 +145,38 @@ class GaussianEncoder(nn.Module):
         out = self.net(x)
         mu, log_std = out.split(self.n_components, dim=-1)
         return mu, torch.clamp(log_std, *LOG_STD_BOUNDS)
+
+
+def mixture_log_prob(z, means, log_stds, log_weights):
+    """log of a Gaussian mixture density ``sum_c w_c N(z; means_c, stds_c^2)``.
+
+    ``means`` and ``log_stds`` have shape ``(n, C, d)`` and ``log_weights``
+    ``(n, C)`` (normalised); ``z`` has shape ``(..., n, d)``. Returns the log
+    density of each ``z`` under its row's mixture, of shape ``(..., n)``.
+    """
+    lp = gaussian_log_prob(z.unsqueeze(-2), means, torch.exp(log_stds))  # (..., n, C)
+    return torch.logsumexp(lp + log_weights, dim=-1)
+
+
+class DetachedDecoder:
+    """A view of a ``GaussianDecoder`` whose parameters receive no gradient.
+
+    ``log_prob(x, z)`` and calls are those of the decoder, computed with its
+    parameters detached (``torch.func.functional_call``): gradients still
+    flow to ``z``, but none reach (or accumulate in) the decoder. Used to
+    train an encoder against a frozen decoder.
+    """
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.params = {k: v.detach() for k, v in decoder.named_parameters()}
+
+    @property
+    def scale(self):
+        return MIN_SCALE + F.softplus(self.params["raw_scale"])
+
+    def __call__(self, z):
+        return torch.func.functional_call(self.decoder, self.params, (z,))
+
+    def log_prob(self, x, z):
+        return gaussian_log_prob(x, self(z), self.scale)

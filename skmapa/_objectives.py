@@ -68,3 +68,84 @@ def iwae_bound(x, encoder, decoder, eps, gradient="dreg"):
         bound = torch.logsumexp(log_w, 0) - math.log(k)
         return bound, bound
     raise ValueError(f"gradient must be 'dreg' or 'iwae', got {gradient!r}.")
+
+
+# ----------------------------------------------------------------------
+# Likelihood before inference (LiBI) and recursive mixture encoders
+# ----------------------------------------------------------------------
+from ._networks import mixture_log_prob  # noqa: E402
+
+
+def prior_marginal_bound(x, decoder, z):
+    """``log (1/S) sum_s p(x | z_s)`` with prior draws ``z`` shared by the rows.
+
+    ``z`` has shape ``(S, n_components)``, each row distributed as N(0, I);
+    one decoder pass over the S draws serves the whole batch. The estimate of
+    p(x) is unbiased, so its log is a lower bound on log p(x) in expectation,
+    and no encoder is involved (the first stage of LiBI).
+    """
+    lp = decoder.log_prob(x.unsqueeze(1), z.unsqueeze(0))  # (n, S)
+    value = torch.logsumexp(lp, dim=1) - math.log(z.shape[0])
+    return value, value
+
+
+def mixture_log_ratios(x, decoder, means, log_stds, log_weights, eps):
+    """``log p(x, z) - log q(z | x)`` at stratified draws of a Gaussian mixture q.
+
+    ``means``, ``log_stds`` (n, C, d) and ``log_weights`` (n, C) describe
+    q(z | x); ``eps`` (k, n, C, d) are standard normal base draws: draw
+    ``(s, i, c)`` comes from component c of row i. Returns ``(k, n, C)``.
+    """
+    z = means + torch.exp(log_stds) * eps  # (k, n, C, d)
+    k, n, C, d = z.shape
+    zf = z.transpose(1, 2)  # (k, C, n, d): rows on the axis mixture_log_prob expects
+    log_q = mixture_log_prob(zf, means, log_stds, log_weights).transpose(1, 2)
+    return decoder.log_prob(x, z.transpose(1, 2)).transpose(1, 2) + (
+        standard_normal_log_prob(z) - log_q
+    )
+
+
+def mixture_elbo(x, decoder, means, log_stds, log_weights, eps):
+    """ELBO of a Gaussian-mixture q, stratified over its components.
+
+    ``sum_c w_c E_{q_c}[log p(x, z) - log q(z | x)]``, each expectation
+    estimated with the ``k`` draws of ``eps`` (k, n, C, d) from component c;
+    the weights enter exactly, so the bound is differentiable in them.
+    """
+    r = mixture_log_ratios(x, decoder, means, log_stds, log_weights, eps)
+    value = (torch.exp(log_weights) * r.mean(0)).sum(-1)
+    return value, value
+
+
+def mixture_iwae_bound(x, decoder, means, log_stds, log_weights, eps):
+    """Stratified importance-weighted bound of a Gaussian-mixture proposal.
+
+    ``log sum_c w_c (1/k) sum_s p(x, z_cs) / q(z_cs | x)`` with ``k`` draws
+    from every component (Morningstar et al., 2021): an unbiased estimate of
+    p(x) inside the log, so a lower bound on log p(x), differentiable in the
+    weights.
+    """
+    r = mixture_log_ratios(x, decoder, means, log_stds, log_weights, eps)
+    value = torch.logsumexp(r + log_weights, dim=(0, 2)) - math.log(eps.shape[0])
+    return value, value
+
+
+def recursive_component_criterion(x, decoder, mu, log_std, mixture, eps, kl_weight):
+    """Kim & Pavlovic's criterion for a new mixture component q_new(z | x).
+
+    ``ELBO(q_new) + kl_weight * KL(q_new || Q)`` where Q is the current
+    mixture ``(means, log_stds, log_weights)``, both terms estimated with the
+    reparameterised draws ``z = mu + std * eps`` (eps (k, n, d)): the new
+    component must explain the data (the ELBO) while moving away from what Q
+    already covers (the KL). Per draw this is ``log p(x, z) - (1 - kl_weight)
+    log q_new(z) - kl_weight log Q(z)``; ``kl_weight < 1`` keeps an entropy
+    term, without which the optimum is a point mass. Returns per-row
+    ``(criterion, elbo)``, both averaged over the k draws.
+    """
+    std = torch.exp(log_std)
+    z = mu + std * eps
+    log_q = gaussian_log_prob(z, mu, std)
+    log_joint = decoder.log_prob(x, z) + standard_normal_log_prob(z)
+    log_mix = mixture_log_prob(z, *mixture)
+    criterion = (log_joint - (1 - kl_weight) * log_q - kl_weight * log_mix).mean(0)
+    return criterion, (log_joint - log_q).mean(0).detach()
