@@ -195,14 +195,17 @@ def plot(records, refs, cfg, out_dir, datasets):
             ref = median([r["kl"] for r in refs if r["dataset"] == ds])
             ax.axhline(ref, color="k", ls="--", lw=0.8, label="GMM (CV)")
             ax.set_xscale("log")
-            ax.set_yscale("symlog", linthresh=0.01)
-            lo = min([0.0] + [r["kl"] for r in records if r["dataset"] == ds] + [ref])
-            ax.set_ylim(bottom=lo * 1.5 if lo < 0 else 0.0)
+            kls = [r["kl"] for r in records if r["dataset"] == ds] + [ref]
+            if min(kls) > 0:
+                ax.set_yscale("log")
+            else:  # a near-perfect fit can have a slightly negative estimate
+                ax.set_yscale("symlog", linthresh=0.01)
+                ax.set_ylim(bottom=1.5 * min(kls))
             ax.set_title(ds, fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, which="both", lw=0.3, alpha=0.5)
-        axes[0][0].set_ylabel("held-out KL (nats, symlog)", fontsize=8)
+        axes[0][0].set_ylabel("held-out KL (nats)", fontsize=8)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, fname), dpi=80)
