@@ -10,6 +10,8 @@ Suites (see ``benchmarks/README.md``):
 ``scale``
     MAPADensity fit time and peak memory against N, time per epoch against
     N, and score_samples throughput, memory and accuracy.
+``refine``
+    Diagnostic: MAPA's second phase budget by budget (KL, noise scale).
 
 Results (markdown tables, CSV of raw values, PNG plots) go to
 ``benchmarks/results/`` (``benchmarks/results/quick/`` with ``--quick``).

@@ -6,7 +6,7 @@ import time
 
 from . import _common
 
-SUITES = ("density", "curves", "scale")
+SUITES = ("density", "curves", "scale", "refine")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -19,14 +19,14 @@ def parse_args(argv=None):
     p.add_argument("--suite", action="append", choices=SUITES + ("all",),
                    help="suite to run (repeatable; default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="small N, one seed, few epochs (about 2 minutes); results go "
+                   help="small N, one seed, few epochs (a smoke test of a few minutes); results go "
                    "to benchmarks/results/quick/")
     p.add_argument("--big", action="store_true",
                    help="scale suite: also fit MAPADensity on 1e6 rows")
     p.add_argument("--datasets", nargs="+", default=None,
-                   help="restrict density/curves to these data sets")
+                   help="restrict density/curves/refine to these data sets")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="override the seeds of density/curves")
+                   help="override the seeds of density/curves/refine")
     p.add_argument("--out", default=None, help="output directory")
     return p.parse_args(argv)
 
@@ -34,7 +34,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
-    from . import curves, density, scale
+    from . import curves, density, refine, scale
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -46,7 +46,7 @@ def main(argv=None):
     _common.log(f"environment: {env}")
     _common.warm_up()
     t_all = time.perf_counter()
-    modules = {"density": density, "curves": curves, "scale": scale}
+    modules = {"density": density, "curves": curves, "scale": scale, "refine": refine}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)
