@@ -10,6 +10,14 @@ Suites (see ``benchmarks/README.md``):
 ``scale``
     MAPADensity fit time and peak memory against N, time per epoch against
     N, and score_samples throughput, memory and accuracy.
+``related``
+    LiBI and the recursive mixture encoder next to MAPA, VAE and IWAE:
+    held-out KL, aggregate posterior, inference and amortization gaps.
+``digits``
+    Real 64-D data (``load_digits``, dequantised): 5-fold held-out
+    log-likelihood of the three estimators, KDE and GMM; MAPA's kernel.
+``parallel``
+    GridSearchCV with ``n_jobs=2`` against ``n_jobs=1``.
 ``refine``
     Diagnostic: MAPA's second phase budget by budget (KL, noise scale).
 

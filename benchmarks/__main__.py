@@ -6,7 +6,7 @@ import time
 
 from . import _common
 
-SUITES = ("density", "curves", "scale", "refine")
+SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -24,9 +24,9 @@ def parse_args(argv=None):
     p.add_argument("--big", action="store_true",
                    help="scale suite: also fit MAPADensity on 1e6 rows")
     p.add_argument("--datasets", nargs="+", default=None,
-                   help="restrict density/curves/refine to these data sets")
+                   help="restrict density/curves/related/refine to these data sets")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="override the seeds of density/curves/refine")
+                   help="override the seeds of density/curves/related/refine")
     p.add_argument("--out", default=None, help="output directory")
     return p.parse_args(argv)
 
@@ -34,7 +34,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
-    from . import curves, density, refine, scale
+    from . import curves, density, digits, parallel, refine, related, scale
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -46,7 +46,8 @@ def main(argv=None):
     _common.log(f"environment: {env}")
     _common.warm_up()
     t_all = time.perf_counter()
-    modules = {"density": density, "curves": curves, "scale": scale, "refine": refine}
+    modules = {"density": density, "curves": curves, "scale": scale, "related": related,
+               "digits": digits, "parallel": parallel, "refine": refine}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)

@@ -223,6 +223,34 @@ def python_command():
     return sys.executable
 
 
+def spiral_data(n_samples, n_features=2, random_state=0):
+    """``make_spiral`` data, rotated into ``n_features`` dimensions.
+
+    The extra coordinates carry the spiral's isotropic noise alone and the
+    whole is rotated by a fixed random orthogonal matrix, so the data lie
+    near a 1-D curve in general position and the exact density factorises:
+    ``log p(x) = log p_spiral(y[:2]) + sum_j log N(y[j]; 0, noise^2)`` with
+    ``y = Q^T x``. Returns ``(X, log_density)``.
+    """
+    from scipy.stats import norm
+
+    from skmapa.datasets import make_spiral
+
+    base = make_spiral(n_samples, random_state=random_state)
+    if n_features == 2:
+        return base.X, base.log_density
+    rng = np.random.RandomState(random_state)
+    Q, _ = np.linalg.qr(np.random.RandomState(12345).normal(size=(n_features, n_features)))
+    extra = base.noise * rng.normal(size=(n_samples, n_features - 2))
+    X = np.hstack([base.X, extra]) @ Q.T
+
+    def log_density(X):
+        Y = np.asarray(X) @ Q
+        return base.log_density(Y[:, :2]) + norm.logpdf(Y[:, 2:], scale=base.noise).sum(1)
+
+    return X, log_density
+
+
 def warm_up():
     """Pay the one-off costs of a first fit (lazy imports, first use of
     torch.func, spectral embedding) before timing anything.

@@ -35,22 +35,21 @@ from ._common import warm_up  # noqa: E402
 
 
 def task_mapa_fit(task):
-    from skmapa.datasets import make_spiral
-
-    from ._common import deep_estimator, timed, total_row_passes
+    from ._common import deep_estimator, spiral_data, timed, total_row_passes
 
     n = int(task["n"])
+    d = int(task.get("n_features", 2))
     warm_up()
-    data = make_spiral(n, random_state=0)
+    X, _ = spiral_data(n, d, random_state=0)
     before = current_rss_mib()
     est = deep_estimator("MAPA", 0, n_components=1, **task["params"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with timed() as t:
-            est.fit(data.X)
+            est.fit(X)
     after = maxrss_mib()
-    test = make_spiral(task.get("n_test", 5000), random_state=10_000)
-    kl = float(np.mean(test.log_density(test.X) - est.score_samples(test.X)))
+    X_test, log_density = spiral_data(task.get("n_test", 5000), d, random_state=10_000)
+    kl = float(np.mean(log_density(X_test) - est.score_samples(X_test)))
     return {
         "fit_wall_s": t["wall"],
         "fit_cpu_s": t["cpu"],

@@ -86,15 +86,21 @@ def fit_kde(X, seed, cfg):
 
 
 def fit_gmm(X, seed, cfg):
-    """Full-covariance GaussianMixture, number of components chosen by k-fold CV."""
+    """GaussianMixture chosen by k-fold CV.
+
+    Over ``cfg["gmm_grid"]`` when given, else over the number of components
+    ``cfg["gmm_components"]`` with full covariances.
+    """
+    grid = cfg.get("gmm_grid", {"n_components": cfg.get("gmm_components")})
     search = GridSearchCV(
         GaussianMixture(covariance_type="full", random_state=seed),
-        {"n_components": cfg["gmm_components"]},
+        grid,
         cv=KFold(cfg["cv_folds"], shuffle=True, random_state=seed),
         scoring=mean_loglik,
     ).fit(X)
     gmm = search.best_estimator_
-    return gmm.score_samples, {"gmm components": int(gmm.n_components)}
+    return gmm.score_samples, {"gmm components": int(gmm.n_components),
+                               "gmm covariance": gmm.covariance_type}
 
 
 def run_one(name, X, seed, cfg):

@@ -1,12 +1,11 @@
-"""Related methods: likelihood before inference (LiBI) and recursive mixture encoders.
+"""Suite ``related``: LiBI and recursive mixture encoders next to MAPA, VAE and IWAE.
 
-Runs VAEDensity and IWAEDensity on every synthetic data set of
-``skmapa.datasets`` (1-D latent, exact log-density) in four configurations
-each, and writes ``benchmarks/results/related.md``::
+Runs MAPADensity and VAEDensity / IWAEDensity in several configurations
+each on every synthetic data set of ``skmapa.datasets`` (1-D latent, exact
+log-density) and writes ``related.md`` and ``related_raw.csv``::
 
-    python benchmarks/related.py                 # the full study
-    python benchmarks/related.py --quick         # a smoke run (minutes)
-    python benchmarks/related.py --jobs 2        # fits in parallel processes
+    python -m benchmarks --suite related           # the full study
+    python -m benchmarks --suite related --quick   # a smoke run (minutes)
 
 Measured per fit (``n_components=1``, so log p(x) is exact quadrature):
 
@@ -15,46 +14,54 @@ Measured per fit (``n_components=1``, so log p(x) is exact quadrature):
 * aggregate-posterior KL: ``KL(q_agg || N(0, 1))`` where ``q_agg(z) =
   (1/N) sum_i q(z | x_i)`` over the training rows, estimated by Monte Carlo
   with draws from q_agg and q_agg's exact mixture density: how far the
-  encoder's codes are from the prior the decoder is sampled from;
+  codes the posterior approximation gives are from the prior the decoder is
+  sampled from;
 * ``mean`` and ``std`` of q_agg (the prior has 0 and 1);
 * inference gap: ``mean(log p_model(x) - ELBO_q(x))`` on test rows, the ELBO
-  of the encoder's q (Gaussian or mixture) with 256 draws per component, and
-  log p_model by quadrature; equal to the mean ``KL(q(z|x) || p(z|x))``;
-  for a mixture encoder also the gap of its first component alone;
+  of the estimator's own q with 256 draws per component, and log p_model by
+  quadrature; equal to the mean ``KL(q(z|x) || p(z|x))``; for a mixture
+  encoder also the gap of its first component alone;
 * amortization gap (Cremer, Li & Duvenaud): ``ELBO(q*) - ELBO(q)`` with q*
   the best Gaussian of each row, by ``skmapa.diagnostics.inference_gaps``
   on the first 100 test rows (negative when a mixture q beats q*);
 * held-out log-likelihood (mean ``score_samples``), epochs, fit seconds.
+
+"q" is the encoder for VAE and IWAE (a Gaussian, or the recursive mixture)
+and, for MAPA, its MAPA mixture over the neighbours' codes with the widened
+Laplace widths of its scoring proposal (``skmapa.diagnostics``'s
+convention): MAPA has no encoder, so its gaps measure how well that
+data-only mixture matches the fitted model's posterior.
 
 "VAE (same epochs)" and "IWAE (same epochs)" are controls: the Gaussian
 encoder trained jointly for exactly the number of epochs the recursive
 mixture took (all stages) on the same data and seed.
 """
 
-import argparse
-import datetime
 import os
-import platform
-import sys
 import time
 import warnings
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from skmapa import IWAEDensity, MAPADensity, VAEDensity
+from skmapa._objectives import mixture_elbo
+from skmapa.datasets import DATASETS
+from skmapa.diagnostics import _own_q
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from ._common import (
+    NOISE_NOTE,
+    environment_markdown,
+    load_average,
+    log,
+    md_table,
+    total_row_passes,
+    write_csv,
+)
 
-from skmapa import IWAEDensity, VAEDensity  # noqa: E402
-from skmapa._objectives import mixture_elbo  # noqa: E402
-from skmapa.datasets import DATASETS  # noqa: E402
-
-RESULTS = os.path.join(HERE, "results", "related.md")
-
-#: (label, estimator class, extra parameters)
+#: (estimator class, extra parameters) of each configuration
 CONFIGS = {
+    "MAPA": (MAPADensity, {}),
     "VAE": (VAEDensity, {}),
     "VAE libi": (VAEDensity, {"training": "libi"}),
     "VAE recursive": (VAEDensity, {"encoder": "recursive"}),
@@ -72,8 +79,8 @@ MATCHED = {
     "IWAE (same epochs)": (IWAEDensity, "IWAE recursive"),
 }
 #: The columns of the two parts of the report.
-LIBI_COLUMNS = ["VAE", "VAE libi", "IWAE", "IWAE libi"]
-RECURSIVE_COLUMNS = ["VAE", "VAE (same epochs)", "VAE recursive", "VAE libi",
+LIBI_COLUMNS = ["MAPA", "VAE", "VAE libi", "IWAE", "IWAE libi"]
+RECURSIVE_COLUMNS = ["MAPA", "VAE", "VAE (same epochs)", "VAE recursive", "VAE libi",
                      "VAE libi+recursive", "IWAE", "IWAE (same epochs)", "IWAE recursive"]
 #: Test rows and settings of skmapa.diagnostics.inference_gaps (the amortization gap).
 GAP_ROWS = 100
@@ -83,11 +90,16 @@ COMMON = dict(n_components=1)
 AGG_DRAWS = 4000
 ELBO_DRAWS = 256
 
+FULL = dict(n_train=1000, n_test=2000, seeds=[0, 1], max_iter=200,
+            datasets=list(DATASETS), configs=list(CONFIGS), jobs=2)
+QUICK = dict(n_train=500, n_test=500, seeds=[0], max_iter=20,
+             datasets=list(DATASETS)[:2], configs=list(CONFIGS), jobs=2)
+
 
 def encoder_mixture(est, X):
-    """q(z | x) of each row as a mixture: (means, log_stds, log_weights) tensors."""
+    """The estimator's own q(z | x) of each row as a mixture (means, log_stds, log_w)."""
     with torch.no_grad():
-        return est._q(est._standardize(X))
+        return _own_q(est, est._standardize(X))
 
 
 def aggregate_posterior(est, X, seed=0):
@@ -188,9 +200,10 @@ def run_one(dataset, label, seed, n_train, n_test, max_iter, epochs=None):
         "amortization_gap": amortization_gap(est, test.X[:GAP_ROWS], seed),
         "epochs": int(est.n_iter_),
         "seconds": seconds,
+        "mrow_passes": total_row_passes(est) / 1e6,
     }
-    print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
-          flush=True)
+    log("related " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in row.items()))
     return row
 
 
@@ -205,47 +218,42 @@ def _fmt(values, digits=3):
 
 
 def table(rows, datasets, configs, key, digits=3):
-    head = "| data set | " + " | ".join(configs) + " |"
-    lines = [head, "|" + "---|" * (len(configs) + 1)]
-    for ds in datasets:
-        cells = []
-        for cfg in configs:
-            vals = [r[key] for r in rows if r["dataset"] == ds and r["config"] == cfg]
-            cells.append(_fmt(vals, digits) if vals else "")
-        lines.append(f"| {ds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [
+        [ds] + [_fmt([r[key] for r in rows if r["dataset"] == ds and r["config"] == c],
+                     digits) for c in configs]
+        for ds in datasets
+    ]
+    return md_table(["data set", *configs], cells, align=["---"] * (len(configs) + 1))
 
 
-def write_report(rows, args, path):
+def write_report(rows, cfg, out_dir, env):
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     configs = [c for c in [*CONFIGS, *MATCHED] if any(r["config"] == c for r in rows)]
     libi = [c for c in LIBI_COLUMNS if c in configs]
     recursive = [c for c in RECURSIVE_COLUMNS if c in configs]
     seeds = sorted({r["seed"] for r in rows})
-    import sklearn
-
-    env = (
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"scikit-learn {sklearn.__version__}, {platform.machine()}, 1 thread per fit, "
-        f"{args.jobs} fit(s) at a time; {datetime.date.today().isoformat()}"
-    )
     parts = [
-        "# Related methods: LiBI and recursive mixture encoders",
+        "# Benchmark `related`: LiBI and recursive mixture encoders next to MAPA, VAE, IWAE",
         "",
-        "Written by `python benchmarks/related.py"
-        + (" --quick" if args.quick else "") + "`.",
-        f"Setting: every data set of `skmapa.datasets` (1-D latent), {args.n_train} "
-        f"training and {args.n_test} test rows (fresh draws), `n_components=1`, "
-        f"default networks (64, 64), `max_iter={args.max_iter}` per training stage "
-        f"with the default convergence criterion; seeds {seeds} "
-        "(mean ± standard deviation over seeds). " + env + ".",
+        f"Every data set of `skmapa.datasets` (1-D latent), {cfg['n_train']} training and "
+        f"{cfg['n_test']} test rows (fresh draws), `n_components=1`, default networks "
+        f"(64, 64), `max_iter={cfg['max_iter']}` per training stage (MAPA: its first "
+        "phase; its second phase keeps `refine_iter=60`) with the default convergence "
+        f"criterion; seeds {seeds} (mean ± standard deviation over seeds); one torch "
+        f"thread per fit, {cfg['jobs']} fit(s) at a time.",
+        "",
+        environment_markdown(env, **{"load average at end": load_average()}),
+        "",
+        NOISE_NOTE,
         "",
         "Definitions (see the module docstring): held-out KL = mean(log p_true - "
         "score_samples) on test rows (nats, lower is better); aggregate-posterior KL = "
         "KL(q_agg || N(0, 1)) with q_agg = (1/N) sum_i q(z | x_i) over the training rows "
         f"(Monte Carlo, {AGG_DRAWS} draws, exact q_agg density); inference gap = "
         "mean(log p_model(x) - ELBO_q(x)) on test rows = mean KL(q(z|x) || p(z|x)) "
-        f"(quadrature and a {ELBO_DRAWS}-draw ELBO). \"(same epochs)\": the Gaussian "
+        f"(quadrature and a {ELBO_DRAWS}-draw ELBO). q is the encoder for VAE and IWAE, "
+        "and for MAPA its MAPA mixture over the neighbours' codes (widened Laplace "
+        "widths, as in its scoring proposal). \"(same epochs)\": the Gaussian "
         "encoder trained jointly for exactly as many epochs as the recursive mixture "
         "took on the same data and seed (no early stop), a control for the extra "
         "epochs of the mixture's stages.",
@@ -309,9 +317,14 @@ def write_report(rows, args, path):
         "",
         table(rows, datasets, configs, "seconds", 1),
         "",
+        "### Network row-passes, all networks, training (millions; exact counts)",
+        "",
+        table(rows, datasets, configs, "mrow_passes", 2),
+        "",
+        "Raw values: `related_raw.csv`.",
+        "",
     ]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
+    with open(os.path.join(out_dir, "related.md"), "w") as fh:
         fh.write("\n".join(parts))
 
 
@@ -319,45 +332,24 @@ def _run(tasks, jobs):
     if jobs > 1 and len(tasks) > 1:
         from joblib import Parallel, delayed
 
-        return Parallel(n_jobs=jobs, verbose=10)(delayed(run_one)(*t) for t in tasks)
+        return Parallel(n_jobs=jobs)(delayed(run_one)(*t) for t in tasks)
     return [run_one(*task) for task in tasks]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="two data sets, one seed, few epochs")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=2000)
-    parser.add_argument("--max-iter", type=int, default=200)
-    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--output", default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.n_train, args.n_test, args.max_iter = 1, 500, 500, 20
-        args.datasets = args.datasets[:2]
-    tasks = [
-        (ds, cfg, seed, args.n_train, args.n_test, args.max_iter)
-        for ds in args.datasets
-        for seed in range(args.seeds)
-        for cfg in args.configs
-    ]
-    rows = _run(tasks, args.jobs)
+def run(cfg, out_dir, env, datasets=None):
+    datasets = datasets or cfg["datasets"]
+    common = (cfg["n_train"], cfg["n_test"], cfg["max_iter"])
+    tasks = [(ds, c, seed, *common) for ds in datasets for seed in cfg["seeds"]
+             for c in cfg["configs"]]
+    rows = _run(tasks, cfg["jobs"])
+    write_csv(os.path.join(out_dir, "related_raw.csv"), rows)
     matched = [
-        (r["dataset"], label, r["seed"], args.n_train, args.n_test, args.max_iter,
-         r["epochs"])
+        (r["dataset"], label, r["seed"], *common, r["epochs"])
         for label, (_, source) in MATCHED.items()
         for r in rows
         if r["config"] == source
     ]
-    rows += _run(matched, args.jobs)
-    write_report(rows, args, args.output)
-    print(f"wrote {args.output}")
+    rows += _run(matched, cfg["jobs"])
+    write_csv(os.path.join(out_dir, "related_raw.csv"), rows)
+    write_report(rows, cfg, out_dir, env)
     return rows
-
-
-if __name__ == "__main__":
-    main()

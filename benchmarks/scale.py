@@ -34,8 +34,10 @@ MAPA_SETTINGS = {
 
 FULL = dict(
     mapa_n=[1_000, 10_000, 100_000],
+    mapa_n_10d=[100_000],
     big_n=[1_000_000],
     epoch_n={1_000: (20, 3), 10_000: (4, 3), 100_000: (2, 1)},  # N: (E, repeats)
+    big_epoch_n={1_000_000: (1, 1)},
     epoch_batch_size=128,
     score_fit_n=2000,
     score_fit_params={},
@@ -45,6 +47,7 @@ FULL = dict(
 )
 QUICK = dict(
     mapa_n=[1_000, 10_000],
+    mapa_n_10d=[10_000],
     mapa_params=dict(max_iter=10, refine_iter=2),  # overrides MAPA_SETTINGS
     big_n=[1_000_000],
     epoch_n={1_000: (3, 1), 10_000: (1, 1)},
@@ -91,21 +94,24 @@ def run(cfg, out_dir, env, big=False):
         write_csv(os.path.join(out_dir, "scale_raw.csv"), flat)
 
     # 1. MAPA fit time and peak memory against N
-    for n in cfg["mapa_n"] + (cfg["big_n"] if big else []):
+    sizes = [(n, 2) for n in cfg["mapa_n"] + (cfg["big_n"] if big else [])]
+    for n, d in sizes + [(n, 10) for n in cfg["mapa_n_10d"]]:
         params = dict(MAPA_SETTINGS[n], **FULL_BUDGET, **cfg.get("mapa_params", {}))
         for label, p in (("a-priori part only", dict(params, max_iter=0, refine_iter=0)),
                          ("full fit", params)):
-            res, peak = run_worker({"task": "mapa_fit", "n": n, "params": p})
-            rec = {"n": n, "what": label,
+            res, peak = run_worker({"task": "mapa_fit", "n": n, "n_features": d,
+                                    "params": p})
+            rec = {"n": n, "n_features": d, "what": label,
                    **{k: v for k, v in p.items() if k not in FULL_BUDGET},
                    **res, "peak_rss_mib": peak}
             records["mapa_fit"].append(rec)
-            log(f"scale mapa_fit N={n:,} {label}: {res['fit_wall_s']:.1f}s "
+            log(f"scale mapa_fit N={n:,} D={d} {label}: {res['fit_wall_s']:.1f}s "
                 f"(cpu {res['fit_cpu_s']:.1f}s) peak {peak:.0f} MiB KL={res['kl']:.4f}")
             save_raw()
 
     # 2. time per epoch against N at a fixed batch size
-    for n, (epochs, repeats) in cfg["epoch_n"].items():
+    epoch_n = dict(cfg["epoch_n"], **(cfg.get("big_epoch_n", {}) if big else {}))
+    for n, (epochs, repeats) in epoch_n.items():
         res, _ = run_worker({"task": "epoch_times", "n": n, "epochs": epochs,
                              "repeats": repeats, "batch_size": cfg["epoch_batch_size"]})
         for est, r in res.items():
@@ -144,7 +150,9 @@ def write_report(records, cfg, out_dir, env, big):
     parts = [
         "# Benchmark `scale`: time and memory against N",
         "",
-        "2-D spiral data (`make_spiral`, noise 0.05). Each row is one fresh "
+        "Spiral data (`make_spiral`, noise 0.05): 2-D, and for D = 10 rotated into 10 "
+        "dimensions with the same noise in the 8 extra ones (exact density; "
+        "`benchmarks._common.spiral_data`). Each row is one fresh "
         "subprocess: peak RSS is that process's high-water mark (`ru_maxrss` of "
         "the child, via `os.wait4`), which includes the Python interpreter, "
         "numpy, scikit-learn and torch; 'before' is the resident memory just "
@@ -168,16 +176,16 @@ def write_report(records, cfg, out_dir, env, big):
     rows = []
     for r in records["mapa_fit"]:
         rows.append([
-            f"{r['n']:,}", r["what"], r["batch_size"], r["max_iter"], r["refine_iter"],
+            f"{r['n']:,}", r.get("n_features", 2), r["what"], r["batch_size"], r["max_iter"], r["refine_iter"],
             fmt(r["fit_wall_s"]), fmt(r["fit_cpu_s"]), fmt(r["row_passes"] / 1e6),
             fmt(r["rss_before_fit_mib"]), fmt(r["peak_rss_mib"]),
             fmt(r["peak_rss_mib"] - r["rss_before_fit_mib"]), fmt(r["kl"]),
         ])
     parts += [
-        md_table(["N", "run", "batch", "max_iter", "refine_iter", "fit wall (s)",
+        md_table(["N", "D", "run", "batch", "max_iter", "refine_iter", "fit wall (s)",
                   "fit CPU (s)", "Mrow-passes", "RSS before (MiB)", "peak RSS (MiB)",
                   "peak - before (MiB)", "KL"], rows,
-                 align=["--:", "---"] + ["--:"] * 10),
+                 align=["--:", "--:", "---"] + ["--:"] * 10),
         "",
     ]
     if not big:
@@ -214,7 +222,7 @@ def write_report(records, cfg, out_dir, env, big):
 
     fit_desc = cfg["score_fit_params"] or "package defaults"
     parts += [
-        f"## score_samples: throughput, memory and accuracy (`n_components=2`)",
+        "## score_samples: throughput, memory and accuracy (`n_components=2`)",
         "",
         f"Each estimator is fitted on {cfg['score_fit_n']:,} spiral rows "
         f"(`n_components=2`, {fit_desc}) in one subprocess and pickled; a second "
@@ -238,8 +246,8 @@ def write_report(records, cfg, out_dir, env, big):
         ])
     parts += [
         md_table(["estimator", "fit wall (s)", "rows scored", "score wall (s)", "rows/s",
-                  "peak RSS (MiB)", "scoring peak - before (MiB)", "|IS - quad| mean",
-                  "IS - quad mean", "|quad513 - quad1025| mean", "KL (quad)",
+                  "peak RSS (MiB)", "scoring peak - before (MiB)", "mean abs(IS - quad)",
+                  "IS - quad mean", "mean abs(quad513 - quad1025)", "KL (quad)",
                   "KL (IS)", "quadrature rows/s"], rows),
         "",
         "Raw values: `scale_raw.csv`.",

@@ -648,17 +648,25 @@ class BaseDeepDensity(
     @torch.no_grad()
     def _log_px_importance(self, Xs):
         eps = torch.as_tensor(self.eval_draws_, device=self.device_).to(self._torch_dtype)
-        n_mix = self._proposal(Xs[:1])[0].shape[1] + 1
-        rows = importance_chunk_rows(eps.shape[0], n_mix, self.n_components)
-        out = []
-        for xb in Xs.split(int(rows)):
+        width = max([*map(int, self.hidden_layer_sizes), self.n_features_in_])
+        # Results go into one preallocated tensor: small long-lived result
+        # tensors between the chunks' large temporaries fragment the heap,
+        # and the resident memory then grew with the number of rows scored
+        # (seen: +1.3 GiB for 10,000 rows in some runs, none in others).
+        out = torch.empty(Xs.shape[0], dtype=self._torch_dtype, device=self.device_)
+        # the proposal of a block of rows at once (one encoder pass or one
+        # neighbour query), the draws in chunks that bound the memory
+        for start in range(0, Xs.shape[0], EVAL_BATCH_ROWS):
+            xb = Xs[start:start + EVAL_BATCH_ROWS]
             means, log_stds, log_w = add_prior_component(*self._proposal(xb))
-            out.append(
-                mixture_importance_log_px(
-                    xb, self.decoder_, means, log_stds, log_w, eps, self.eval_offset_
+            rows = importance_chunk_rows(eps.shape[0], means.shape[1], self.n_components,
+                                         width)
+            for i in range(0, xb.shape[0], rows):
+                out[start + i:start + i + rows] = mixture_importance_log_px(
+                    xb[i:i + rows], self.decoder_, means[i:i + rows],
+                    log_stds[i:i + rows], log_w[i:i + rows], eps, self.eval_offset_,
                 )
-            )
-        return torch.cat(out)
+        return out
 
     @torch.no_grad()
     def _log_px_quadrature(self, Xs, n_per_dim=None):

@@ -6,8 +6,6 @@ statistics of the decoder-only bound, and the a-priori code initialisation.
 Memory is O(N k): no N x N matrix is ever formed.
 """
 
-import math
-
 import numpy as np
 import torch
 from scipy import sparse

@@ -106,9 +106,14 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0)
     return torch.logsumexp(log_w, dim=1) - math.log(S)
 
 
-def importance_chunk_rows(n_draws, n_components_mix, n_latent):
-    """Rows per chunk so that one chunk stays under ``CHUNK_ELEMENTS``."""
-    per_row = n_draws * max(n_components_mix, 1) * max(n_latent, 1)
+def importance_chunk_rows(n_draws, n_components_mix, n_latent, width=1):
+    """Rows per chunk so that one chunk stays under ``CHUNK_ELEMENTS``.
+
+    A row costs ``n_draws`` times the larger of its proposal densities
+    (components x latent dimensions) and the widest activation the decoder
+    computes for one draw (``width``: its widest layer or its output).
+    """
+    per_row = n_draws * max(n_components_mix * n_latent, width, 1)
     return max(1, CHUNK_ELEMENTS // per_row)
 
 
@@ -149,9 +154,10 @@ def quadrature_log_px(x, grid_means, grid_log_weights, scale):
     """log p(x) = logsumexp_g(log w_g + log N(x; f(z_g), scale^2)), chunked."""
     G = grid_means.shape[0]
     rows = max(1, CHUNK_ELEMENTS // (G * x.shape[1]))
-    out = []
+    # one preallocated result: see BaseDeepDensity._log_px_importance
+    out = x.new_empty(x.shape[0])
     for start in range(0, x.shape[0], rows):
         xb = x[start:start + rows]
         lp = gaussian_log_prob(xb.unsqueeze(1), grid_means.unsqueeze(0), scale)
-        out.append(torch.logsumexp(lp + grid_log_weights, dim=1))
-    return torch.cat(out)
+        out[start:start + rows] = torch.logsumexp(lp + grid_log_weights, dim=1)
+    return out
