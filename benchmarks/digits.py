@@ -62,7 +62,7 @@ FULL = dict(
     kde_bandwidths=np.logspace(-1, 1, 21),
     gmm_grid={"n_components": [1, 2, 4, 8, 16, 32], "covariance_type": ["full", "diag"]},
     inner_folds=3,
-    jobs=2,
+    jobs=1,  # the scale suite runs beside it on the other core
 )
 QUICK = dict(
     folds=2,

@@ -110,7 +110,7 @@ def run(cfg, out_dir, env, big=False):
             save_raw()
 
     # 2. time per epoch against N at a fixed batch size
-    epoch_n = dict(cfg["epoch_n"], **(cfg.get("big_epoch_n", {}) if big else {}))
+    epoch_n = {**cfg["epoch_n"], **(cfg.get("big_epoch_n", {}) if big else {})}
     for n, (epochs, repeats) in epoch_n.items():
         res, _ = run_worker({"task": "epoch_times", "n": n, "epochs": epochs,
                              "repeats": repeats, "batch_size": cfg["epoch_batch_size"]})
