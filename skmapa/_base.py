@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from abc import ABCMeta, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Callable, Optional
 
@@ -56,6 +56,50 @@ QUADRATURE_2D_POINTS = 513
 EVAL_BATCH_ROWS = 65536
 
 
+class _Optimizers:
+    """Several optimizers stepped as one (dense Adam and SparseAdam)."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self):
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_state_dict(self, states):
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+
+
+def clip_grad_norm(params, max_norm):
+    """``torch.nn.utils.clip_grad_norm_`` that also takes sparse gradients.
+
+    The total norm is over every gradient entry, dense or sparse; returns it.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(g.is_sparse for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
+             for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
 @dataclass
 class TrainingStage:
     """One phase of training: an objective over ``n_units`` minibatch units.
@@ -74,6 +118,11 @@ class TrainingStage:
     validation_loss: Optional[Callable] = None
     before: Optional[Callable] = None
     after_epoch: Optional[Callable] = None
+    #: Parameters with one row per unit (MAPA's codes) whose gradients are
+    #: sparse (``F.embedding(..., sparse=True)``): trained by SparseAdam, so a
+    #: step costs O(batch) instead of O(n_units) (dense Adam would update every
+    #: row at every step, an epoch then costing O(n_units^2 / batch)).
+    sparse_parameters: list = field(default_factory=list)
     #: Set by the training loop: the best state seen under early stopping,
     #: restored if the stage is interrupted.
     best_snapshot: Optional[tuple] = None
@@ -526,8 +575,13 @@ class BaseDeepDensity(
     def _run_stage(self, stage, generator, start):
         """Run one stage; return (converged, best snapshot for early stopping)."""
         params = [p for p in stage.parameters if p.requires_grad]
+        sparse = [p for p in stage.sparse_parameters if p.requires_grad]
         lr = self.learning_rate_init
-        optimizer = torch.optim.Adam(params, lr=lr)
+        optimizer = _Optimizers(
+            [torch.optim.Adam(params, lr=lr)]
+            + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
+        )
+        params = params + sparse
         batch = self.batch_size
         if batch == "auto":
             batch = int(np.clip(stage.n_units // 200, 128, 4096))
@@ -551,7 +605,7 @@ class BaseDeepDensity(
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                norm = clip_grad_norm(params, MAX_GRAD_NORM)
                 if not torch.isfinite(norm):
                     finite = False
                     break

@@ -272,13 +272,15 @@ class MAPADensity(BaseDeepDensity):
         const = float(
             np.sum(w * np.sum(q * (self.atom_log_prior_[idx] - log_q), axis=1)) / total_w
         )
-        codes = torch.nn.Parameter(self.codes_.detach().to(device=device, dtype=dtype))
+        codes = torch.nn.Parameter(self.codes_.detach().to(device=device, dtype=dtype),
+                                   requires_grad=self.learn_codes)
         self.codes_ = codes
         decoder = self.decoder_
         log2pi = 0.5 * X.shape[1] * math.log(2 * math.pi)
 
         def phase1_loss(batch, generator):
-            f = decoder(codes[batch])
+            # sparse gradient: only the batch's codes are updated (SparseAdam)
+            f = decoder(torch.nn.functional.embedding(batch, codes, sparse=True))
             scale = decoder.scale
             resid = (wbar_t[batch, None] * (xbar_t[batch] - f) ** 2 / scale**2).sum()
             expected = (
@@ -294,10 +296,11 @@ class MAPADensity(BaseDeepDensity):
             "mapa",
             n_atoms,
             phase1_loss,
-            list(decoder.parameters()) + ([codes] if self.learn_codes else []),
+            list(decoder.parameters()),
             max_iter,
             self._validation_phase1(data) if data is not None else None,
             after_epoch=self._rematch_codes if self.learn_codes else None,
+            sparse_parameters=[codes] if self.learn_codes else [],
         )
 
     def _training_stages(self, data):

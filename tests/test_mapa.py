@@ -83,6 +83,34 @@ def test_regrouped_bound_equals_per_row_bound():
     assert float(value) == pytest.approx(expected, rel=1e-10)
 
 
+def test_phase1_step_touches_only_the_batch_codes():
+    """A phase-1 step costs O(batch), not O(N): the codes' gradient is sparse
+    over the batch's rows, and a training step leaves every other code as it
+    was (lazy Adam; dense Adam would move all N codes at every step)."""
+    from skmapa._base import TrainingData, _Optimizers
+
+    data = make_spiral(300, random_state=0)
+    est = MAPADensity(n_components=1, max_iter=0, refine_iter=0, hidden_layer_sizes=(8,),
+                      random_state=0).fit(data.X)
+    dist, idx = _mapa.kneighbors(est.neighbors_, est.X_fit_, est.n_neighbors_)
+    log_q = _mapa.mapa_log_weights(dist, idx, est.bandwidth_, est.atom_log_prior_)
+    est._train_stats = (idx, log_q, np.ones(300))
+    stage = est._phase1_stage(1, TrainingData(torch.as_tensor(est.X_fit_),
+                                              torch.ones(300, dtype=torch.float64)))
+    (codes,) = stage.sparse_parameters
+    before = codes.detach().clone()
+    batch = torch.tensor([3, 17, 250])
+    opt = _Optimizers([torch.optim.SparseAdam([codes], lr=0.1)])
+    loss, _ = stage.batch_loss(batch, None)
+    loss.backward()
+    assert codes.grad.is_sparse
+    assert sorted(codes.grad.coalesce().indices()[0].tolist()) == [3, 17, 250]
+    opt.step()
+    moved = (codes.detach() != before).any(1)
+    assert moved[batch].all()
+    assert int(moved.sum()) == 3
+
+
 def test_match_prior_is_exact_rank_transform_in_1d():
     rng = np.random.RandomState(0)
     codes = rng.exponential(size=(1000, 1))
