@@ -278,9 +278,13 @@ class MAPADensity(BaseDeepDensity):
         decoder = self.decoder_
         log2pi = 0.5 * X.shape[1] * math.log(2 * math.pi)
 
+        # Sparse gradients for the codes: a step updates the batch's codes
+        # only (SparseAdam), O(batch) instead of O(n_atoms). MPS has no sparse
+        # tensors: there the codes train with dense Adam, as the decoder does.
+        sparse_codes = self.learn_codes and device.type != "mps"
+
         def phase1_loss(batch, generator):
-            # sparse gradient: only the batch's codes are updated (SparseAdam)
-            f = decoder(torch.nn.functional.embedding(batch, codes, sparse=True))
+            f = decoder(torch.nn.functional.embedding(batch, codes, sparse=sparse_codes))
             scale = decoder.scale
             resid = (wbar_t[batch, None] * (xbar_t[batch] - f) ** 2 / scale**2).sum()
             expected = (
@@ -296,11 +300,12 @@ class MAPADensity(BaseDeepDensity):
             "mapa",
             n_atoms,
             phase1_loss,
-            list(decoder.parameters()),
+            list(decoder.parameters()) + ([codes] if self.learn_codes and not sparse_codes
+                                          else []),
             max_iter,
             self._validation_phase1(data) if data is not None else None,
             after_epoch=self._rematch_codes if self.learn_codes else None,
-            sparse_parameters=[codes] if self.learn_codes else [],
+            sparse_parameters=[codes] if sparse_codes else [],
         )
 
     def _training_stages(self, data):
