@@ -114,6 +114,23 @@ NOISE_NOTE = (
 )
 
 
+def environment_section(env):
+    """The lines every report starts its body with: environment, load, noise note."""
+    return [environment_markdown(env, **{"load average at end": load_average()}), "",
+            NOISE_NOTE, ""]
+
+
+def mean_sd(values, digits=3):
+    """``mean ± sd`` (ddof=1) of the non-NaN values; one value alone; 'n/a' if none."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
 @contextmanager
 def timed():
     """Measure wall time (perf_counter) and this process's CPU time."""

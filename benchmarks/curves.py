@@ -17,11 +17,9 @@ from skmapa.datasets import DATASETS
 
 from ._common import (
     FULL_BUDGET,
-    NOISE_NOTE,
     deep_estimator,
-    environment_markdown,
+    environment_section,
     fmt,
-    load_average,
     log,
     md_table,
     median,
@@ -147,10 +145,7 @@ def write_report(records, refs, cfg, out_dir, env, datasets):
         "rows) for MAPA. Each point is an independent fit. GMM: full covariance, "
         "size chosen by CV (reference).",
         "",
-        environment_markdown(env, **{"load average at end": load_average()}),
-        "",
-        NOISE_NOTE,
-        "",
+        *environment_section(env),
         "Plots: `curves_rowpasses.png` (KL vs row-passes), `curves_time.png` "
         "(KL vs fit wall time).",
         "",

@@ -20,11 +20,9 @@ from sklearn.preprocessing import StandardScaler
 from skmapa.datasets import DATASETS
 
 from ._common import (
-    NOISE_NOTE,
     deep_estimator,
-    environment_markdown,
+    environment_section,
     fmt,
-    load_average,
     log,
     md_table,
     mean_loglik,
@@ -200,10 +198,7 @@ def write_report(records, cfg, out_dir, env, datasets):
         "on the test rows (nats; lower is better; sampling noise can make it "
         "slightly negative).",
         "",
-        environment_markdown(env, **{"load average at end": load_average()}),
-        "",
-        NOISE_NOTE,
-        "",
+        *environment_section(env),
         f"## Held-out KL (nats), {agg}" + (" [min, max]" if len(seeds) > 1 else ""),
         "",
     ]

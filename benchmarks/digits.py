@@ -33,13 +33,12 @@ from sklearn.model_selection import KFold
 from sklearn.preprocessing import StandardScaler
 
 from ._common import (
-    NOISE_NOTE,
     deep_estimator,
-    environment_markdown,
+    environment_section,
     fmt,
-    load_average,
     log,
     md_table,
+    mean_sd,
     timed,
     total_row_passes,
     write_csv,
@@ -242,13 +241,6 @@ def run(cfg, out_dir, env, datasets=None):
     return records
 
 
-def _stat(values):
-    values = np.asarray(values, dtype=float)
-    if len(values) > 1:
-        return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
-    return f"{values.mean():.2f}"
-
-
 def write_report(records, cfg, out_dir, env, shape, purity):
     names = list(dict.fromkeys(r["estimator"] for r in records))
     by = {n: [r for r in records if r["estimator"] == n] for n in names}
@@ -258,7 +250,7 @@ def write_report(records, cfg, out_dir, env, shape, purity):
         rs = by[n]
         ll = [r["heldout_ll"] for r in rs]
         rows.append([
-            n, _stat(ll), _stat([r["train_ll"] for r in rs]),
+            n, mean_sd(ll, 2), mean_sd([r["train_ll"] for r in rs], 2),
             f"{bits_per_pixel(np.mean(ll)):.3f}",
             fmt(np.mean(ll) - np.mean([r["heldout_ll"] for r in by[best]])),
             fmt(float(np.median([r["fit_wall_s"] for r in rs]))),
@@ -289,10 +281,7 @@ def write_report(records, cfg, out_dir, env, shape, purity):
         "-(LL - 64 log 17) / (64 log 2) (lower is better). 'vs best': mean held-out LL "
         "minus that of the best row.",
         "",
-        environment_markdown(env, **{"load average at end": load_average()}),
-        "",
-        NOISE_NOTE,
-        "",
+        *environment_section(env),
         md_table(["estimator", "held-out LL", "train LL", "bits/pixel", "vs best",
                   "fit wall (s, median)", "row-passes (median)", "chosen by CV"], rows,
                  align=["---"] + ["--:"] * 6 + ["---"]),

@@ -22,11 +22,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, KFold
 
 from ._common import (
-    NOISE_NOTE,
     deep_estimator,
-    environment_markdown,
+    environment_section,
     fmt,
-    load_average,
     log,
     md_table,
     timed,
@@ -100,10 +98,7 @@ def run(cfg, out_dir, env, datasets=None):
         f"in each of 2 loky workers: {worker_threads} (joblib's budget, "
         "cpu_count // n_jobs).",
         "",
-        environment_markdown(env, **{"load average at end": load_average()}),
-        "",
-        NOISE_NOTE,
-        "",
+        *environment_section(env),
         md_table(["setup", "wall (s)", "speed-up vs n_jobs=1, 1 thread",
                   "max abs score difference"], rows),
         "",

@@ -17,11 +17,9 @@ from sklearn.exceptions import ConvergenceWarning
 from skmapa.datasets import DATASETS
 
 from ._common import (
-    NOISE_NOTE,
     deep_estimator,
-    environment_markdown,
+    environment_section,
     fmt,
-    load_average,
     log,
     md_table,
     timed,
@@ -97,10 +95,7 @@ def write_report(records, cfg, out_dir, env, datasets):
         "epoch's mean negative bound (phase 1 bound for `refine_iter=0`, the "
         "phase-2 importance-weighted bound otherwise: not comparable across the two).",
         "",
-        environment_markdown(env, **{"load average at end": load_average()}),
-        "",
-        NOISE_NOTE,
-        "",
+        *environment_section(env),
     ]
     rows = [
         [r["dataset"], r["seed"], r["refine_iter"], r["epochs_run"], fmt(r["kl_test"]),

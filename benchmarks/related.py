@@ -50,11 +50,10 @@ from skmapa.datasets import DATASETS
 from skmapa.diagnostics import _own_q
 
 from ._common import (
-    NOISE_NOTE,
-    environment_markdown,
-    load_average,
+    environment_section,
     log,
     md_table,
+    mean_sd,
     total_row_passes,
     write_csv,
 )
@@ -207,19 +206,9 @@ def run_one(dataset, label, seed, n_train, n_test, max_iter, epochs=None):
     return row
 
 
-def _fmt(values, digits=3):
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
-
-
 def table(rows, datasets, configs, key, digits=3):
     cells = [
-        [ds] + [_fmt([r[key] for r in rows if r["dataset"] == ds and r["config"] == c],
+        [ds] + [mean_sd([r[key] for r in rows if r["dataset"] == ds and r["config"] == c],
                      digits) for c in configs]
         for ds in datasets
     ]
@@ -242,10 +231,7 @@ def write_report(rows, cfg, out_dir, env):
         f"criterion; seeds {seeds} (mean ± standard deviation over seeds); one torch "
         f"thread per fit, {cfg['jobs']} fit(s) at a time.",
         "",
-        environment_markdown(env, **{"load average at end": load_average()}),
-        "",
-        NOISE_NOTE,
-        "",
+        *environment_section(env),
         "Definitions (see the module docstring): held-out KL = mean(log p_true - "
         "score_samples) on test rows (nats, lower is better); aggregate-posterior KL = "
         "KL(q_agg || N(0, 1)) with q_agg = (1/N) sum_i q(z | x_i) over the training rows "

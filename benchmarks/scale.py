@@ -13,10 +13,8 @@ import tempfile
 
 from ._common import (
     FULL_BUDGET,
-    NOISE_NOTE,
-    environment_markdown,
+    environment_section,
     fmt,
-    load_average,
     log,
     md_table,
     write_csv,
@@ -161,10 +159,7 @@ def write_report(records, cfg, out_dir, env, big):
         "`fit` are excluded from the timings); 'peak - before' is what the measured "
         "call added at its peak.",
         "",
-        environment_markdown(env, **{"load average at end": load_average()}),
-        "",
-        NOISE_NOTE,
-        "",
+        *environment_section(env),
         "## MAPADensity.fit against N (`n_components=1`, whole budget run)",
         "",
         "Settings keep about 2000 phase-1 and 800 phase-2 gradient steps at every N "
