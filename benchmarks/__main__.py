@@ -6,7 +6,7 @@ import time
 
 from . import _common
 
-SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine")
+SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -24,7 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--big", action="store_true",
                    help="scale suite: also fit MAPADensity on 1e6 rows")
     p.add_argument("--datasets", nargs="+", default=None,
-                   help="restrict density/curves/related/refine to these data sets")
+                   help="restrict density/curves/related/refine to these data sets "
+                   "(real: to these tables)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="override the seeds of density/curves/related/refine")
     p.add_argument("--out", default=None, help="output directory")
@@ -34,7 +35,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
-    from . import curves, density, digits, parallel, refine, related, scale
+    from . import curves, density, digits, parallel, real, refine, related, scale
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -47,7 +48,7 @@ def main(argv=None):
     _common.warm_up()
     t_all = time.perf_counter()
     modules = {"density": density, "curves": curves, "scale": scale, "related": related,
-               "digits": digits, "parallel": parallel, "refine": refine}
+               "digits": digits, "parallel": parallel, "refine": refine, "real": real}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)

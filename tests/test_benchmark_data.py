@@ -27,3 +27,40 @@ def test_rotated_spiral_keeps_the_spiral_when_two_dimensional():
     base = make_spiral(100, random_state=1)
     np.testing.assert_array_equal(X, base.X)
     np.testing.assert_allclose(log_density(X), base.log_density(X))
+
+
+def _assert_continuous(X, columns, min_distinct=10, max_tied=0.05):
+    assert X.shape[1] == len(columns)
+    assert np.all(np.isfinite(X))
+    for j in range(X.shape[1]):
+        _, counts = np.unique(X[:, j], return_counts=True)
+        assert len(counts) >= min_distinct, columns[j]
+        assert counts.max() <= max(max_tied * X.shape[0], 2), columns[j]
+    # no column is (up to rounding) a linear function of the others
+    Z = (X - X.mean(0)) / X.std(0)
+    assert np.linalg.svd(Z / np.sqrt(len(Z)), compute_uv=False)[-1] > 1e-3
+
+
+def test_real_suite_sklearn_tables_are_continuous():
+    real = pytest.importorskip("benchmarks.real")
+    X, columns = real.load_table("iris")
+    assert X.shape == (150, 4)
+    _assert_continuous(X, columns, max_tied=0.25)  # measured to 0.1 cm
+    X, columns = real.load_table("diabetes")
+    assert X.shape == (442, 8) and "sex" not in columns and "s4" not in columns
+    _assert_continuous(X, columns, max_tied=0.1)
+    X, columns = real.load_table("digits", max_rows=300)
+    assert X.shape == (300, 64)
+    assert np.all((X >= 0) & (X < 1))
+    np.testing.assert_array_equal(X, real.load_table("digits", max_rows=300)[0])
+
+
+def test_real_suite_statsmodels_tables_are_continuous():
+    pytest.importorskip("statsmodels")
+    real = pytest.importorskip("benchmarks.real")
+    X, columns = real.load_table("star98")
+    assert X.shape == (303, 12)
+    _assert_continuous(X, columns)
+    X, columns = real.load_table("macrodata")
+    assert X.shape == (202, 10)
+    _assert_continuous(X, columns, max_tied=0.1)
