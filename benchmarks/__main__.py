@@ -6,7 +6,8 @@ import time
 
 from . import _common
 
-SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real")
+SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real",
+          "threads")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -35,7 +36,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
-    from . import curves, density, digits, parallel, real, refine, related, scale
+    from . import curves, density, digits, parallel, real, refine, related, scale, threads
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -48,7 +49,8 @@ def main(argv=None):
     _common.warm_up()
     t_all = time.perf_counter()
     modules = {"density": density, "curves": curves, "scale": scale, "related": related,
-               "digits": digits, "parallel": parallel, "refine": refine, "real": real}
+               "digits": digits, "parallel": parallel, "refine": refine, "real": real,
+               "threads": threads}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)

@@ -17,9 +17,12 @@ Training is a list of ``TrainingStage``s composed from two choices:
 """
 
 import math
+import warnings
 from numbers import Integral, Real
 
+import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import BaseDeepDensity, TrainingStage
@@ -32,6 +35,10 @@ from ._scoring import add_prior_component
 #: importance-sampling proposal: amortized posteriors tend to be too narrow,
 #: and a proposal narrower than the posterior has unbounded weights.
 PROPOSAL_WIDENING = 1.5
+#: Training rows whose estimated log-likelihood chooses between the two
+#: starts with ``init='auto'`` (without early stopping; else the validation
+#: rows).
+INIT_SELECTION_ROWS = 1000
 #: Shift of the fixed prior draws that score the LiBI validation bound.
 _VALIDATION_SHIFT = 0.5
 #: Weight of the prior in the mixture that a new component diverges from:
@@ -86,6 +93,10 @@ _AMORTIZED_ATTRIBUTES = """
     encoder_ : torch.nn.Module
         The inference network q(z | x); ``transform`` returns its mean
         (a ``MixtureEncoder`` when ``encoder='recursive'``).
+    init_scores_ : dict or None
+        With ``init='auto'``: the negative bound (validation bound under
+        early stopping) after the short run from each start, 'pca' and
+        'random'; training continued from the lower. None otherwise.
 """
 
 
@@ -138,9 +149,10 @@ class AmortizedDensity(BaseDeepDensity):
         activation="tanh",
         batch_size="auto",
         learning_rate_init=1e-3,
-        max_iter=200,
+        init="auto",
+        max_iter="auto",
         tol=1e-4,
-        early_stopping=False,
+        early_stopping="auto",
         validation_fraction=0.1,
         n_iter_no_change=10,
         warm_start=False,
@@ -149,6 +161,7 @@ class AmortizedDensity(BaseDeepDensity):
         random_state=None,
         verbose=0,
         device="auto",
+        n_threads="auto",
         dtype="auto",
     ):
         super().__init__(
@@ -157,6 +170,7 @@ class AmortizedDensity(BaseDeepDensity):
             activation=activation,
             batch_size=batch_size,
             learning_rate_init=learning_rate_init,
+            init=init,
             max_iter=max_iter,
             tol=tol,
             early_stopping=early_stopping,
@@ -168,6 +182,7 @@ class AmortizedDensity(BaseDeepDensity):
             random_state=random_state,
             verbose=verbose,
             device=device,
+            n_threads=n_threads,
             dtype=dtype,
         )
         self.training = training
@@ -193,11 +208,70 @@ class AmortizedDensity(BaseDeepDensity):
             "encoder_": encoder,
         }
 
+    _auto_early_stopping_below = 1000
+
     def _initialize(self, data, generator):
         for name, (cls, *args) in self._network_specs(data.X.shape[1]).items():
             setattr(self, name, build(cls, generator, *args))
         if isinstance(self.encoder_, MixtureEncoder):
             self.encoder_.reset_gates(INITIAL_COMPONENT_WEIGHT)
+        self.init_scores_ = None
+        self._random_start = self._linear = None
+        if self.init != "random":
+            self._linear = self._linear_start(data)
+            if self.init == "auto":
+                self._move_networks()
+                self._random_start = self._snapshot(None)
+            self._start_linear(self._linear)
+
+    def _train(self, data, generator, counts_before):
+        """With ``init='auto'``: train from both starts, keep the better model.
+
+        The training bound cannot choose: from the PCA start it stays near
+        probabilistic PCA's log-likelihood, while from the random start the
+        ELBO can end lower even where the model is better (measured on
+        make_circles with one latent dimension: ELBO -2.97 vs -2.84 nats,
+        held-out log-likelihood -1.58 vs -1.69). So the two are compared by
+        the estimated log-likelihood (``score_samples``) of the validation
+        rows, or, without early stopping, of up to ``INIT_SELECTION_ROWS``
+        training rows. ``loss_curve_``, ``n_iter_`` and ``converged_`` are
+        those of the model kept; ``n_steps_`` and ``n_row_passes_`` count
+        both runs (the cost of the fit).
+        """
+        random_start = self.__dict__.pop("_random_start", None)
+        self.__dict__.pop("_linear", None)
+        if random_start is None:
+            return super()._train(data, generator, counts_before)
+        X_sel = data.X_val
+        if X_sel is None:
+            n = data.X.shape[0]
+            rows = torch.randperm(n, generator=generator)[:INIT_SELECTION_ROWS]
+            X_sel = data.X[rows.to(self.device_)]
+        fits = {}
+        for name in ("pca", "random"):
+            if name == "random":
+                self._restore(random_start)
+                self.loss_curve_, self.n_iter_ = [], 0
+                self.validation_scores_ = [] if self.early_stopping_ else None
+            super()._train(data, generator, counts_before)
+            # the scoring below is part of this fit's cost: counted from here
+            counts_before = self._row_counts()
+            score = float(np.mean(self._log_px_standardized(X_sel)))
+            fits[name] = (score, self._snapshot(None), self.loss_curve_,
+                          self.validation_scores_, self.converged_, self.n_iter_)
+        self.init_scores_ = {name: -fit[0] for name, fit in fits.items()}
+        best = min(self.init_scores_, key=self.init_scores_.get)
+        self._progress("estimated log-likelihood per row from each start: " + ", ".join(
+            f"{name} {fit[0]:.4f}" for name, fit in fits.items()) + f"; keeping {best}")
+        (_, snapshot, self.loss_curve_, self.validation_scores_, self.converged_,
+         self.n_iter_) = fits[best]
+        self._restore(snapshot)
+        self._finish_fit(counts_before, generator)
+
+    def _start_linear(self, start):
+        """Decoder and (first) encoder at the probabilistic PCA solution."""
+        self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
+        self._first_encoder().init_linear(*start.posterior())
 
     def _noise(self, shape, generator):
         eps = torch.randn(shape, generator=generator, dtype=torch.float64)

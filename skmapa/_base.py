@@ -34,6 +34,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from ._linear import probabilistic_pca
 from ._networks import ACTIVATIONS, MLP
 from ._scoring import (
     adaptive_grid_1d,
@@ -44,7 +45,14 @@ from ._scoring import (
     quadrature_log_px,
     sobol_normal,
 )
-from ._utils import resolve_device, resolve_dtype, sampling_rng, torch_generator
+from ._utils import (
+    resolve_device,
+    resolve_dtype,
+    resolve_n_threads,
+    sampling_rng,
+    torch_generator,
+    torch_threads,
+)
 
 #: Largest gradient norm before clipping.
 MAX_GRAD_NORM = 10.0
@@ -54,6 +62,11 @@ MAX_RECOVERIES = 6
 QUADRATURE_2D_POINTS = 513
 #: Rows encoded or decoded at once outside of training.
 EVAL_BATCH_ROWS = 65536
+#: Optimizer steps per round (loss record and convergence check) when a
+#: stage's budget is 'auto'.
+WINDOW_STEPS = 50
+#: Step budget of a training stage whose budget is 'auto'.
+AUTO_MAX_STEPS = 4000
 
 
 class _Optimizers:
@@ -114,7 +127,8 @@ class TrainingStage:
     n_units: int
     batch_loss: Callable
     parameters: list
-    max_iter: int
+    #: Epochs (an int), or 'auto': at most ``max_steps`` optimizer steps.
+    max_iter: object
     validation_loss: Optional[Callable] = None
     before: Optional[Callable] = None
     after_epoch: Optional[Callable] = None
@@ -123,6 +137,10 @@ class TrainingStage:
     #: step costs O(batch) instead of O(n_units) (dense Adam would update every
     #: row at every step, an epoch then costing O(n_units^2 / batch)).
     sparse_parameters: list = field(default_factory=list)
+    #: Step budget when ``max_iter == 'auto'``.
+    max_steps: int = AUTO_MAX_STEPS
+    #: The estimator parameter that sets this stage's budget (for messages).
+    budget_param: str = "max_iter"
     #: Set by the training loop: the best state seen under early stopping,
     #: restored if the stage is interrupted.
     best_snapshot: Optional[tuple] = None
@@ -151,20 +169,40 @@ _COMMON_PARAMETERS = """
         then larger so that an epoch takes at most ~200 steps.
     learning_rate_init : float, default=1e-3
         Adam step size.
-    max_iter : int, default=%(max_iter)s
-        Maximum number of epochs (passes over the training units).
+    init : {'auto', 'pca', 'random'}, default='auto'
+        Start of training. 'pca' starts at the model's linear special case,
+        probabilistic PCA with ``n_components`` (decoder ``f(z) = mean + W z``
+        with the network's output layer zeroed, isotropic noise at the mean
+        discarded eigenvalue, and an encoder at its exact posterior), so
+        training begins at ``PCA(n_components).score``. 'random' starts the
+        networks at random with noise scale 0.1 (standardized units). 'auto'
+        (VAE, IWAE) trains a few hundred steps from each and continues from
+        the better bound (the validation bound under early stopping); for
+        MAPA it is 'pca' (see MAPADensity). The choice is ``init_scores_``.
+    max_iter : 'auto' or int, default='auto'
+        Training budget of each stage. 'auto' counts optimizer steps, so that
+        it means the same at every data size: at most 4000 steps, judged for
+        convergence every 50 steps (a round). An int is a number of epochs
+        (passes over the training units), judged once per epoch.
     tol : float, default=1e-4
-        An epoch improves when the monitored loss drops below the best seen
+        A round improves when the monitored loss drops below the best seen
         by more than ``tol``: the mean training loss over the last
-        ``n_iter_no_change`` epochs, or the validation loss with
+        ``n_iter_no_change`` rounds, or the validation loss with
         ``early_stopping``.
-    early_stopping : bool, default=False
+    early_stopping : 'auto' or bool, default='auto'
         Hold out ``validation_fraction`` of the rows, monitor the bound on
-        them and keep the best model seen.
+        them (from the start of each stage on) and keep the best model seen.
+        'auto' turns it on where the estimator is measured to overfit: VAE
+        and IWAE with fewer than 1000 rows (and enough for 10 validation
+        rows; trained long on ~140 rows, they
+        fell hundreds of nats below probabilistic PCA on held-out rows),
+        never for MAPA, whose fixed posterior regularises it. The choice
+        made is ``early_stopping_``.
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping`` is True.
     n_iter_no_change : int, default=10
-        Epochs without improvement before training stops (converged).
+        Rounds (epochs, or 50-step windows with ``max_iter='auto'``) without
+        improvement before training stops (converged).
     warm_start : bool, default=False
         Continue training the fitted networks on the next call to ``fit``.
     score_method : {'auto', 'importance', 'quadrature'}, default='auto'
@@ -181,10 +219,20 @@ _COMMON_PARAMETERS = """
         untouched; None draws a seed from numpy's global random state, as
         scikit-learn estimators do.
     verbose : int, default=0
-        Print progress every ``verbose`` epochs (0: silent).
+        Print progress (0: silent): every stage, the a-priori steps, and
+        every ``verbose`` rounds the step, loss and an upper estimate of
+        the time left.
     device : str, default='auto'
         Torch device: 'auto' picks 'cuda', then 'mps', then 'cpu'. The device
         used is ``device_``.
+    n_threads : 'auto', int or None, default='auto'
+        Torch intra-op threads on the CPU during ``fit``, ``score_samples``,
+        ``transform`` and ``sample`` (restored afterwards). 'auto' gives one
+        thread per 5e8 FLOPs of a training step or scoring chunk, at most
+        ``torch.get_num_threads()`` (the budget joblib gives its workers, or
+        what you set): the default networks train on one thread, which is
+        fastest for them and does not collapse when other work shares the
+        CPU. None leaves torch's setting alone.
     dtype : {'auto', 'float32', 'float64'}, default='auto'
         Network precision: 'auto' is float64 on the CPU and float32 on
         accelerators (MPS is always float32). Results are float64.
@@ -201,12 +249,19 @@ _COMMON_ATTRIBUTES = """
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Names of features seen during ``fit``, when X has string column names.
+    early_stopping_ : bool
+        Whether a validation set was held out (``early_stopping`` resolved).
     n_iter_ : int
-        Epochs run, over all training stages.
+        Epochs run (begun), over all training stages.
+    n_steps_ : int
+        Optimizer steps run, over all training stages and every run from a
+        candidate start (the cost of the fit; ``n_iter_`` and
+        ``loss_curve_`` describe the model kept).
     loss_curve_ : list of float
-        Mean negative training bound per epoch, in nats per unit.
+        Mean negative training bound per round (epoch, or 50-step window
+        with ``max_iter='auto'``), in nats per unit.
     validation_scores_ : list of float or None
-        Mean validation bound per epoch when ``early_stopping``.
+        Mean validation bound per round when ``early_stopping``.
     converged_ : bool
         Whether every training stage stopped by its convergence criterion.
     device_ : torch.device
@@ -226,7 +281,6 @@ def fill_doc(cls):
         cls.__doc__ = cls.__doc__.replace(
             "%(common_parameters)s", _COMMON_PARAMETERS.strip("\n")
         ).replace("%(common_attributes)s", _COMMON_ATTRIBUTES.strip("\n"))
-        cls.__doc__ = cls.__doc__.replace("%(max_iter)s", str(cls._default_max_iter))
     return cls
 
 
@@ -244,17 +298,16 @@ class BaseDeepDensity(
     reported in the caller's units.
     """
 
-    _default_max_iter = 200
-
     _parameter_constraints = {
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "hidden_layer_sizes": ["array-like"],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "init": [StrOptions({"auto", "pca", "random"})],
+        "max_iter": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
-        "early_stopping": ["boolean"],
+        "early_stopping": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "warm_start": ["boolean"],
@@ -263,6 +316,8 @@ class BaseDeepDensity(
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "device": [str, torch.device],
+        "n_threads": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left"),
+                      None],
         "dtype": [StrOptions({"auto", "float32", "float64"})],
     }
 
@@ -274,9 +329,10 @@ class BaseDeepDensity(
         activation="tanh",
         batch_size="auto",
         learning_rate_init=1e-3,
-        max_iter=200,
+        init="auto",
+        max_iter="auto",
         tol=1e-4,
-        early_stopping=False,
+        early_stopping="auto",
         validation_fraction=0.1,
         n_iter_no_change=10,
         warm_start=False,
@@ -285,6 +341,7 @@ class BaseDeepDensity(
         random_state=None,
         verbose=0,
         device="auto",
+        n_threads="auto",
         dtype="auto",
     ):
         self.n_components = n_components
@@ -292,6 +349,7 @@ class BaseDeepDensity(
         self.activation = activation
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
+        self.init = init
         self.max_iter = max_iter
         self.tol = tol
         self.early_stopping = early_stopping
@@ -303,6 +361,7 @@ class BaseDeepDensity(
         self.random_state = random_state
         self.verbose = verbose
         self.device = device
+        self.n_threads = n_threads
         self.dtype = dtype
 
     # ------------------------------------------------------------------
@@ -406,6 +465,7 @@ class BaseDeepDensity(
         (5, 5)
         """
         self._validate_params()
+        self._fit_start = time.perf_counter()
         warm = self.warm_start and hasattr(self, "decoder_")
         attributes_before = set(vars(self)) - {"n_features_in_", "feature_names_in_"}
         X = validate_data(
@@ -413,6 +473,10 @@ class BaseDeepDensity(
             X,
             reset=not warm,
             dtype=[np.float64, np.float32],
+            # C order (a copy for Fortran-ordered or strided input): other
+            # layouts take other BLAS kernels, whose last-bit differences
+            # training amplifies
+            order="C",
             ensure_min_samples=2,
         )
         self._check_params(X)
@@ -425,33 +489,37 @@ class BaseDeepDensity(
         dtype = resolve_dtype(self.dtype, device)
         generator = torch_generator(self.random_state)
         self._usable = warm
-        try:
-            if not warm:
-                self._set_standardization(X, sample_weight)
-            self.device_ = device
-            self._torch_dtype = dtype
-            data = self._training_data(X, sample_weight, generator)
-            # rows pushed through the networks from here on are this fit's cost
-            # (a fresh fit's networks are built below, with zero counts)
-            counts_before = self._row_counts() if warm else {}
-            if warm:
-                self._move_networks()
-                self._warm_start(data, generator)
-            else:
-                self.loss_curve_ = []
-                self.validation_scores_ = [] if self.early_stopping else None
-                self.n_iter_ = 0
-                self.n_row_passes_ = {}
-                self._initialize(data, generator)
-                self._move_networks()
-            self._train(data, generator, counts_before)
-        except BaseException:
-            if not self._usable:
-                # a fresh fit that failed before its model was complete must not
-                # look fitted: drop what this call added
-                for name in set(vars(self)) - attributes_before:
-                    delattr(self, name)
-            raise
+        n_threads = self._thread_count(self._step_flops(X.shape[0], X.shape[1]), device)
+        with torch_threads(n_threads):
+            try:
+                if not warm:
+                    self._set_standardization(X, sample_weight)
+                self.early_stopping_ = self._resolve_early_stopping(X.shape[0])
+                self.device_ = device
+                self._torch_dtype = dtype
+                data = self._training_data(X, sample_weight, generator)
+                # rows pushed through the networks from here on are this fit's cost
+                # (a fresh fit's networks are built below, with zero counts)
+                counts_before = self._row_counts() if warm else {}
+                if warm:
+                    self._move_networks()
+                    self._warm_start(data, generator)
+                else:
+                    self.loss_curve_ = []
+                    self.validation_scores_ = [] if self.early_stopping_ else None
+                    self.n_iter_ = 0
+                    self.n_steps_ = 0
+                    self.n_row_passes_ = {}
+                    self._initialize(data, generator)
+                    self._move_networks()
+                self._train(data, generator, counts_before)
+            except BaseException:
+                if not self._usable:
+                    # a fresh fit that failed before its model was complete must not
+                    # look fitted: drop what this call added
+                    for name in set(vars(self)) - attributes_before:
+                        delattr(self, name)
+                raise
         return self
 
     def _set_standardization(self, X, sample_weight):
@@ -465,7 +533,7 @@ class BaseDeepDensity(
         self.scale_ = scale.astype(np.float64)
 
     def _to_tensor(self, X):
-        X = np.asarray(X, dtype=np.float64)
+        X = np.ascontiguousarray(X, dtype=np.float64)
         if not X.flags.writeable:  # torch cannot share a read-only array
             X = X.copy()
         return torch.as_tensor(X, device=self.device_).to(self._torch_dtype)
@@ -478,7 +546,7 @@ class BaseDeepDensity(
     def _training_data(self, X, sample_weight, generator):
         n = X.shape[0]
         X_val = w_val = None
-        if self.early_stopping:
+        if self.early_stopping_:
             n_val = int(math.ceil(self.validation_fraction * n))
             if n_val < 1 or n - n_val < 2:
                 raise ValueError(
@@ -497,6 +565,44 @@ class BaseDeepDensity(
             data.X_val = self._standardize(X_val)
             data.weights_val = self._to_tensor(w_val / max(w_val.mean(), 1e-300))
         return data
+
+    #: ``early_stopping='auto'`` holds out validation rows below this many rows.
+    _auto_early_stopping_below = 0
+
+    #: Network rows pushed per training row and step, beyond the first
+    #: (importance samples); sets the work estimate that picks the threads.
+    _train_draws = 1
+
+    def _row_flops(self, n_features):
+        """Forward FLOPs of one decoder row (from the parameters, before fit)."""
+        sizes = [self.n_components, *map(int, self.hidden_layer_sizes), n_features]
+        return 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def _step_flops(self, n_rows, n_features):
+        """Rough FLOPs of one training step: forward and backward, both networks."""
+        batch = self._batch_size(n_rows)
+        return 6 * batch * self._row_flops(n_features) * max(1, self._train_draws)
+
+    def _thread_count(self, flops, device=None):
+        return resolve_n_threads(self.n_threads, flops, device or self.device_)
+
+    def _eval_threads(self, n_rows, draws=1):
+        """Thread context for evaluating ``n_rows`` rows with ``draws`` draws each."""
+        rows = min(n_rows, EVAL_BATCH_ROWS)
+        return torch_threads(self._thread_count(
+            rows * draws * self._row_flops(self.n_features_in_)))
+
+    def _resolve_early_stopping(self, n_samples):
+        """``early_stopping`` as a bool: 'auto' needs >= 10 validation rows."""
+        if self.early_stopping != "auto":
+            return bool(self.early_stopping)
+        n_val = math.ceil(self.validation_fraction * n_samples)
+        return n_val >= 10 and n_samples < self._auto_early_stopping_below
+
+    def _linear_start(self, data):
+        """Probabilistic PCA of the (standardized) training rows."""
+        return probabilistic_pca(data.X.double().cpu().numpy(),
+                                 data.weights.double().cpu().numpy(), self.n_components)
 
     def _move_networks(self):
         for name, module in self._networks().items():
@@ -543,15 +649,20 @@ class BaseDeepDensity(
             for name, module in self._networks().items()
         }
 
+    def _progress(self, message):
+        """Print a progress line with the time since ``fit`` began (verbose)."""
+        if self.verbose:
+            elapsed = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+            print(f"[{type(self).__name__}] {message} ({elapsed:.1f} s)", flush=True)
+
     def _train(self, data, generator, counts_before):
         converged = True
         stage = stage_name = None
         best_snapshot = None
-        start = time.perf_counter()
         try:
             for stage in self._training_stages(data):
                 stage_name = stage.name
-                stage_converged, best_snapshot = self._run_stage(stage, generator, start)
+                stage_converged, best_snapshot = self._run_stage(stage, generator)
                 if best_snapshot is not None:
                     self._restore(best_snapshot)
                     best_snapshot = None
@@ -572,8 +683,20 @@ class BaseDeepDensity(
         self.converged_ = converged
         self._finish_fit(counts_before, generator)
 
-    def _run_stage(self, stage, generator, start):
-        """Run one stage; return (converged, best snapshot for early stopping)."""
+    def _batch_size(self, n_units):
+        batch = self.batch_size
+        if batch == "auto":
+            batch = int(np.clip(n_units // 200, 128, 4096))
+        return int(min(batch, n_units))
+
+    def _run_stage(self, stage, generator, monitor=True):
+        """Run one stage; return (converged, best snapshot for early stopping).
+
+        The stage runs in rounds: one epoch each when its budget is a number
+        of epochs, ``WINDOW_STEPS`` optimizer steps each (across epoch
+        boundaries) when it is 'auto', with at most ``stage.max_steps`` steps.
+        Convergence is judged once per round.
+        """
         params = [p for p in stage.parameters if p.requires_grad]
         sparse = [p for p in stage.sparse_parameters if p.requires_grad]
         lr = self.learning_rate_init
@@ -582,23 +705,44 @@ class BaseDeepDensity(
             + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
         )
         params = params + sparse
-        batch = self.batch_size
-        if batch == "auto":
-            batch = int(np.clip(stage.n_units // 200, 128, 4096))
-        batch = int(min(batch, stage.n_units))
+        batch = self._batch_size(stage.n_units)
+        steps_per_epoch = -(-stage.n_units // batch)
+        if stage.max_iter == "auto":
+            max_steps, round_steps = int(stage.max_steps), WINDOW_STEPS
+            budget = f"up to {max_steps} steps"
+        else:
+            max_steps = int(stage.max_iter) * steps_per_epoch
+            round_steps = steps_per_epoch
+            budget = f"up to {stage.max_iter} epochs"
         best, no_improve = np.inf, 0
         best_snapshot = None
-        monitor_val = self.early_stopping and stage.validation_loss is not None
+        monitor_val = monitor and self.early_stopping_ and stage.validation_loss is not None
         recoveries = 0
-        epoch = 0
+        steps = rounds = 0
         stage_losses = []
+        self._progress(f"{stage.name}: {stage.n_units} units, batch {batch}, {budget}")
         if stage.before is not None:
             stage.before()
-        while epoch < stage.max_iter:
+        if monitor_val:
+            # the start is a candidate too: training that only makes the
+            # validation bound worse (overfitting a small data set from a
+            # good start) ends where it began
+            with torch.no_grad():
+                best = float(stage.validation_loss())
+            best_snapshot = stage.best_snapshot = self._snapshot(None)
+        # one stream of minibatches: successive permutations of the units
+        queue, epochs_done = [], 0
+        stage_start = time.perf_counter()
+        while steps < max_steps:
             good = self._snapshot(optimizer)
-            total, finite = 0.0, True
-            perm = torch.randperm(stage.n_units, generator=generator).to(self.device_)
-            for idx in perm.split(batch):
+            total, seen, taken, finite = 0.0, 0, 0, True
+            epochs_before = epochs_done
+            for _ in range(min(round_steps, max_steps - steps)):
+                if not queue:
+                    perm = torch.randperm(stage.n_units, generator=generator)
+                    queue = list(perm.to(self.device_).split(batch))[::-1]
+                    epochs_done += 1
+                idx = queue.pop()
                 loss, report = stage.batch_loss(idx, generator)
                 if not torch.isfinite(loss):
                     finite = False
@@ -611,9 +755,12 @@ class BaseDeepDensity(
                     break
                 optimizer.step()
                 total += float(report) * idx.numel()
+                seen += idx.numel()
+                taken += 1
             if not finite:
                 recoveries += 1
                 self._restore(good, optimizer)
+                queue, epochs_done = [], epochs_before
                 if recoveries > MAX_RECOVERIES:
                     raise FloatingPointError(
                         f"{type(self).__name__}: training stage {stage.name!r} "
@@ -624,19 +771,20 @@ class BaseDeepDensity(
                 lr /= 2
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                if self.verbose:
-                    print(f"[{stage.name}] non-finite loss: restored, lr={lr:.3g}")
+                self._progress(f"{stage.name}: non-finite loss: restored, lr={lr:.3g}")
                 continue
-            if stage.after_epoch is not None:
+            steps += taken
+            rounds += 1
+            self.n_steps_ += taken
+            self.n_iter_ += epochs_done - epochs_before
+            if stage.after_epoch is not None and epochs_done > epochs_before:
                 stage.after_epoch()
-            epoch += 1
-            self.n_iter_ += 1
-            epoch_loss = total / stage.n_units
-            self.loss_curve_.append(epoch_loss)
-            stage_losses.append(epoch_loss)
-            # The training loss of one epoch is noisy (minibatches, sampled
-            # bounds): monitor its mean over the last n_iter_no_change epochs,
-            # so that one lucky epoch cannot stop training.
+            round_loss = total / max(seen, 1)
+            self.loss_curve_.append(round_loss)
+            stage_losses.append(round_loss)
+            # The training loss of one round is noisy (minibatches, sampled
+            # bounds): monitor its mean over the last n_iter_no_change rounds,
+            # so that one lucky round cannot stop training.
             metric = float(np.mean(stage_losses[-self.n_iter_no_change:]))
             if monitor_val:
                 with torch.no_grad():
@@ -645,20 +793,26 @@ class BaseDeepDensity(
                 metric = val
                 if val < best:
                     best_snapshot = stage.best_snapshot = self._snapshot(None)
-            if self.verbose and epoch % max(int(self.verbose), 1) == 0:
-                msg = f"[{stage.name}] epoch {epoch}, loss {epoch_loss:.5f}"
+            if self.verbose and rounds % max(int(self.verbose), 1) == 0:
+                # time left if the whole budget runs (convergence may stop sooner)
+                left = (time.perf_counter() - stage_start) * (max_steps - steps) / steps
+                msg = (f"{stage.name}: step {steps}/{max_steps} (epoch {epochs_done}), "
+                       f"loss {round_loss:.5f}")
                 if monitor_val:
                     msg += f", validation loss {metric:.5f}"
-                print(msg + f", {time.perf_counter() - start:.1f} s")
+                self._progress(msg + f", at most {left:.0f} s left")
             improved = np.isfinite(metric) and metric <= best - self.tol
             no_improve = 0 if improved else no_improve + 1
             best = min(best, metric)
             if no_improve >= self.n_iter_no_change:
+                self._progress(f"{stage.name}: converged after {steps} steps")
                 return True, best_snapshot
-        if stage.max_iter > 0:
+        if max_steps > 0:
             warnings.warn(
-                f"{type(self).__name__}: stage {stage.name!r} reached max_iter="
-                f"{stage.max_iter} epochs without converging; increase max_iter.",
+                f"{type(self).__name__}: stage {stage.name!r} used its whole budget "
+                f"({budget.replace('up to ', '')}, {stage.budget_param}="
+                f"{stage.max_iter!r}) without converging; increase "
+                f"{stage.budget_param}.",
                 ConvergenceWarning,
             )
             return False, best_snapshot
@@ -694,7 +848,7 @@ class BaseDeepDensity(
     # ------------------------------------------------------------------
     def _check_X(self, X):
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32], order="C")
 
     def _log_det(self):
         return float(np.sum(np.log(self.scale_)))
@@ -743,10 +897,13 @@ class BaseDeepDensity(
         return quadrature_log_px(Xs, f, log_w, self.decoder_.scale)
 
     def _log_px(self, X, method=None):
+        return self._log_px_standardized(self._standardize(X), method) - self._log_det()
+
+    def _log_px_standardized(self, Xs, method=None):
+        """log p of standardized rows (standardized units), as a numpy array."""
         method = method or self.score_method
         if method == "auto":
             method = "quadrature" if self.n_components == 1 else "importance"
-        Xs = self._standardize(X)
         # A row whose squared norm overflows the working precision is so far
         # out that its log-density is -inf; computing it would give inf - inf.
         ok = torch.isfinite((Xs * Xs).sum(-1))
@@ -759,7 +916,7 @@ class BaseDeepDensity(
                 else:
                     lp_ok = self._log_px_importance(Xk)
             lp[ok.cpu()] = lp_ok.double().cpu()
-        return lp.numpy() - self._log_det()
+        return lp.numpy()
 
     def score_samples(self, X):
         """Log-density of each row under the model, in X's units.
@@ -785,7 +942,8 @@ class BaseDeepDensity(
         (4,)
         """
         X = self._check_X(X)
-        return self._log_px(X)
+        with self._eval_threads(X.shape[0], self.n_eval_samples):
+            return self._log_px(X)
 
     def score(self, X, y=None):
         """Mean log-likelihood per row (GaussianMixture's convention).
@@ -845,7 +1003,8 @@ class BaseDeepDensity(
         rng = sampling_rng(random_state)
         z = rng.standard_normal((n_samples, self.n_components))
         eps = rng.standard_normal((n_samples, self.n_features_in_))
-        mean = self._decode(z)
+        with self._eval_threads(n_samples):
+            mean = self._decode(z)
         return mean + eps * self.noise_scale_
 
     def _decode(self, Z):
@@ -878,7 +1037,7 @@ class BaseDeepDensity(
         """
         X = self._check_X(X)
         Xs = self._standardize(X)
-        with torch.no_grad():
+        with torch.no_grad(), self._eval_threads(X.shape[0]):
             Z = torch.cat([self._encode(xb) for xb in Xs.split(EVAL_BATCH_ROWS)])
         return Z.double().cpu().numpy()
 
@@ -911,7 +1070,8 @@ class BaseDeepDensity(
                 f"inverse_transform expects {self.n_components} columns "
                 f"(n_components), got {Z.shape[1]}."
             )
-        return self._decode(Z)
+        with self._eval_threads(Z.shape[0]):
+            return self._decode(Z)
 
     @property
     def _n_features_out(self):

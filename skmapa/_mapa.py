@@ -23,8 +23,9 @@ INIT_SUBSAMPLE = 4000
 #: posteriors (2-D latent on a curve: error vs quadrature 0.048 nats at 1x,
 #: 0.041 at 2x, 1024 draws).
 PROPOSAL_WIDENING = 2.0
-#: Epochs of the short phase-1 run that scores each candidate initialisation.
-INIT_TRIAL_EPOCHS = 15
+#: Optimizer steps of the short phase-1 run that scores each candidate
+#: initialisation of the codes.
+INIT_TRIAL_STEPS = 200
 #: Random rotations of the prior-matching projection at initialisation.
 INIT_ROTATIONS = 30
 
@@ -158,6 +159,23 @@ def spectral_codes(X, idx, log_q, n_components, rng):
     return emb + 1e-9 * rng.standard_normal(emb.shape)
 
 
+def pca_codes(X, weights, n_components, rng):
+    """Codes from the top principal components of the (weighted) rows.
+
+    Where the neighbour graph carries no single manifold coordinate (several
+    connected components, clusters, noise-dominated distances) the linear
+    projection still orders the rows; it is one candidate start.
+    """
+    w = weights / weights.sum()
+    Xc = X - w @ X
+    evals, evecs = np.linalg.eigh((Xc * w[:, None]).T @ Xc)
+    d = min(n_components, X.shape[1])
+    codes = Xc @ evecs[:, ::-1][:, :d]
+    if d < n_components:
+        codes = np.hstack([codes, 1e-3 * rng.standard_normal((X.shape[0], n_components - d))])
+    return codes + 1e-9 * rng.standard_normal(codes.shape)
+
+
 def angle_codes(X, idx, log_q, rng):
     """1-D codes from the angle of the 2-D spectral embedding.
 
@@ -185,7 +203,7 @@ def laplace_log_scales(decoder, codes):
             for j in range(d):
                 tangent = torch.zeros_like(chunk)
                 tangent[:, j] = 1.0
-                _, jvp = torch.func.jvp(decoder.mean_net.net, (chunk,), (tangent,))
+                _, jvp = torch.func.jvp(decoder.mean_function, (chunk,), (tangent,))
                 prec.append(1.0 + (jvp * jvp * inv_var).sum(-1))
             out.append(-0.5 * torch.log(torch.stack(prec, dim=-1)))
     return torch.cat(out)

@@ -102,13 +102,17 @@ def standard_normal_log_prob(z):
 class GaussianDecoder(nn.Module):
     """p(x | z) = N(x; f(z), diag(scale^2)) with a learned per-feature scale.
 
-    The scale is ``MIN_SCALE + softplus(raw_scale)`` so that it never reaches
+    ``f(z) = mlp(z) + z @ linear_weight.T``: the linear part (zero unless set,
+    e.g. by ``init_linear``) lets the decoder contain its linear special
+    case, probabilistic PCA, exactly, so that training can start there. The
+    scale is ``MIN_SCALE + softplus(raw_scale)`` so that it never reaches
     zero, even on constant columns.
     """
 
     def __init__(self, n_components, n_features, hidden_layer_sizes, activation):
         super().__init__()
         self.mean_net = MLP(n_components, n_features, hidden_layer_sizes, activation)
+        self.linear_weight = nn.Parameter(torch.zeros(n_features, n_components))
         # Start at noise 0.1 in standardized units: starting at 1 lets the
         # decoder explain everything as noise, and VAE/IWAE then collapse to a
         # Gaussian blob (measured on the spiral and circle sets).
@@ -126,7 +130,25 @@ class GaussianDecoder(nn.Module):
             self.raw_scale.copy_(target + torch.log(-torch.expm1(-target)))
 
     def forward(self, z):
-        return self.mean_net(z)
+        return self.mean_net(z) + z @ self.linear_weight.T
+
+    def mean_function(self, z):
+        """``f(z)`` without counting rows (for Jacobians and diagnostics)."""
+        return self.mean_net.net(z) + z @ self.linear_weight.T
+
+    def init_linear(self, weight, offset, scale):
+        """Start at the linear model ``f(z) = offset + weight z``, noise ``scale``.
+
+        The network's last layer is zeroed (its bias holds ``offset``), so the
+        nonlinear part starts at zero and training can only add to the
+        linear fit.
+        """
+        last = self.mean_net.net[-1]
+        with torch.no_grad():
+            self.linear_weight.copy_(torch.as_tensor(weight).to(self.linear_weight))
+            last.weight.zero_()
+            last.bias.copy_(torch.as_tensor(offset).to(last.bias))
+        self.set_scale(torch.as_tensor(scale).to(self.raw_scale))
 
     def log_prob(self, x, z):
         """log p(x | z); ``x`` broadcasts against the leading axes of ``z``."""
@@ -134,17 +156,31 @@ class GaussianDecoder(nn.Module):
 
 
 class GaussianEncoder(nn.Module):
-    """q(z | x) = N(z; mu(x), diag(exp(log_std(x))^2))."""
+    """q(z | x) = N(z; mu(x), diag(exp(log_std(x))^2)).
+
+    ``mu(x) = mlp(x)[:d] + x @ linear_weight.T``: the linear part (zero unless
+    set by ``init_linear``) holds the posterior mean of probabilistic PCA.
+    """
 
     def __init__(self, n_features, n_components, hidden_layer_sizes, activation):
         super().__init__()
         self.net = MLP(n_features, 2 * n_components, hidden_layer_sizes, activation)
+        self.linear_weight = nn.Parameter(torch.zeros(n_components, n_features))
         self.n_components = n_components
+
+    def init_linear(self, weight, offset, log_std):
+        """Start at ``mu(x) = offset + weight x`` and a constant ``log_std``."""
+        last = self.net.net[-1]
+        with torch.no_grad():
+            self.linear_weight.copy_(torch.as_tensor(weight).to(self.linear_weight))
+            last.weight.zero_()
+            bias = torch.cat([torch.as_tensor(offset), torch.as_tensor(log_std)])
+            last.bias.copy_(bias.to(last.bias))
 
     def forward(self, x):
         out = self.net(x)
         mu, log_std = out.split(self.n_components, dim=-1)
-        return mu, torch.clamp(log_std, *LOG_STD_BOUNDS)
+        return mu + x @ self.linear_weight.T, torch.clamp(log_std, *LOG_STD_BOUNDS)
 
 
 def mixture_log_prob(z, means, log_stds, log_weights):

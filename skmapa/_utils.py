@@ -1,7 +1,9 @@
 """Small shared helpers: devices, dtypes and random number streams."""
 
 import numbers
+import threading
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -117,3 +119,52 @@ def sampling_rng(random_state):
 def standard_normal(rng, size):
     """Standard normal draws from a RandomState or a Generator."""
     return rng.standard_normal(size)
+
+
+#: FLOPs of one call (a training step, a scoring chunk) per torch thread:
+#: below it, the synchronisation of several threads costs more than it
+#: saves, and on a machine whose other cores are busy, OpenMP threads that
+#: wait for each other make small models many times slower.
+FLOPS_PER_THREAD = 5e8
+
+_THREAD_LOCK = threading.Lock()
+_THREAD_USERS = 0
+_THREAD_SAVED = None
+
+
+def resolve_n_threads(n_threads, flops_per_call, device):
+    """The torch intra-op thread count for work of ``flops_per_call`` FLOPs.
+
+    'auto' on the CPU: one thread per ``FLOPS_PER_THREAD`` of a call, at most
+    the current ``torch.get_num_threads()`` (the budget joblib, threadpoolctl
+    or the user set); None keeps the current count.
+    """
+    current = torch.get_num_threads()
+    if n_threads is None or device.type != "cpu":
+        return current
+    if n_threads == "auto":
+        return int(max(1, min(current, flops_per_call // FLOPS_PER_THREAD)))
+    return int(n_threads)
+
+
+@contextmanager
+def torch_threads(n):
+    """Run the block with ``n`` torch intra-op threads, then restore the count.
+
+    Nested and concurrent uses (threads of one process) share one saved
+    count, restored when the last of them leaves.
+    """
+    global _THREAD_USERS, _THREAD_SAVED
+    with _THREAD_LOCK:
+        if _THREAD_USERS == 0:
+            _THREAD_SAVED = torch.get_num_threads()
+        _THREAD_USERS += 1
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _THREAD_LOCK:
+            _THREAD_USERS -= 1
+            if _THREAD_USERS == 0 and torch.get_num_threads() != _THREAD_SAVED:
+                torch.set_num_threads(_THREAD_SAVED)

@@ -86,9 +86,10 @@ class IWAEDensity(AmortizedDensity):
         activation="tanh",
         batch_size="auto",
         learning_rate_init=1e-3,
-        max_iter=200,
+        init="auto",
+        max_iter="auto",
         tol=1e-4,
-        early_stopping=False,
+        early_stopping="auto",
         validation_fraction=0.1,
         n_iter_no_change=10,
         warm_start=False,
@@ -97,6 +98,7 @@ class IWAEDensity(AmortizedDensity):
         random_state=None,
         verbose=0,
         device="auto",
+        n_threads="auto",
         dtype="auto",
     ):
         super().__init__(
@@ -110,6 +112,7 @@ class IWAEDensity(AmortizedDensity):
             activation=activation,
             batch_size=batch_size,
             learning_rate_init=learning_rate_init,
+            init=init,
             max_iter=max_iter,
             tol=tol,
             early_stopping=early_stopping,
@@ -121,6 +124,7 @@ class IWAEDensity(AmortizedDensity):
             random_state=random_state,
             verbose=verbose,
             device=device,
+            n_threads=n_threads,
             dtype=dtype,
         )
         self.k = k
@@ -128,6 +132,10 @@ class IWAEDensity(AmortizedDensity):
 
     @property
     def _n_draws(self):
+        return self.k
+
+    @property
+    def _train_draws(self):
         return self.k
 
     def _gaussian_bound(self, x, generator, encoder, decoder):

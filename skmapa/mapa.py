@@ -11,9 +11,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _mapa
-from ._base import BaseDeepDensity, TrainingStage, fill_doc
+from ._base import AUTO_MAX_STEPS, BaseDeepDensity, TrainingStage, fill_doc
+from ._linear import regression_start
 from ._networks import GaussianDecoder, build
 from ._scoring import add_prior_component, mixture_importance_log_px
+
+
+#: Step budget of the second phase when ``refine_iter='auto'``.
+REFINE_MAX_STEPS = 1000
 
 
 @fill_doc
@@ -46,9 +51,10 @@ class MAPADensity(BaseDeepDensity):
         Kernel width ``tau`` in the standardized space. 'auto' is the mean
         distance to the nearest neighbours (self excluded), floored at 1e-3;
         the value used is ``bandwidth_``.
-    refine_iter : int, default=60
-        Epochs of the second phase (importance-weighted bound with the MAPA
-        mixture as proposal, MAPA still fixed); 0 skips it.
+    refine_iter : 'auto' or int, default='auto'
+        Budget of the second phase (importance-weighted bound with the MAPA
+        mixture as proposal, MAPA still fixed): 'auto' is at most 1000
+        optimizer steps, an int a number of epochs; 0 skips it.
     refine_samples : int, default=4
         Importance samples per row in the second phase.
     learn_codes : bool, default=True
@@ -64,11 +70,13 @@ class MAPADensity(BaseDeepDensity):
         distributed as N(0, I).
     bandwidth_ : float
         The MAPA bandwidth used.
-    init_scores_ : list of float or None
-        With ``n_components=1``, the negative MAPA bound reached by a short
-        phase-1 run from each candidate initialisation of the codes (1-D
-        spectral embedding, angle of the 2-D spectral embedding); the best
-        one is kept.
+    init_scores_ : dict or None
+        The negative MAPA bound reached by a short phase-1 run from each
+        candidate initialisation of the codes, by name: 'spectral' (spectral
+        embedding of the MAPA graph), 'angle' (``n_components=1``: angle of
+        the 2-D spectral embedding) and 'pca' (``init='pca'``: principal
+        components); the best one is kept. None when there was one
+        candidate.
     n_neighbors_ : int
         The number of neighbours used.
     X_fit_ : ndarray of shape (n_atoms, n_features)
@@ -93,13 +101,11 @@ class MAPADensity(BaseDeepDensity):
     torch.Size([500, 1])
     """
 
-    _default_max_iter = 250
-
     _parameter_constraints = {
         **BaseDeepDensity._parameter_constraints,
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "bandwidth": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
-        "refine_iter": [Interval(Integral, 0, None, closed="left")],
+        "refine_iter": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
         "refine_samples": [Interval(Integral, 1, None, closed="left")],
         "learn_codes": ["boolean"],
     }
@@ -109,7 +115,7 @@ class MAPADensity(BaseDeepDensity):
         *,
         n_neighbors=20,
         bandwidth="auto",
-        refine_iter=60,
+        refine_iter="auto",
         refine_samples=4,
         learn_codes=True,
         n_components=2,
@@ -117,9 +123,10 @@ class MAPADensity(BaseDeepDensity):
         activation="tanh",
         batch_size="auto",
         learning_rate_init=1e-3,
-        max_iter=250,
+        init="auto",
+        max_iter="auto",
         tol=1e-4,
-        early_stopping=False,
+        early_stopping="auto",
         validation_fraction=0.1,
         n_iter_no_change=10,
         warm_start=False,
@@ -128,6 +135,7 @@ class MAPADensity(BaseDeepDensity):
         random_state=None,
         verbose=0,
         device="auto",
+        n_threads="auto",
         dtype="auto",
     ):
         super().__init__(
@@ -136,6 +144,7 @@ class MAPADensity(BaseDeepDensity):
             activation=activation,
             batch_size=batch_size,
             learning_rate_init=learning_rate_init,
+            init=init,
             max_iter=max_iter,
             tol=tol,
             early_stopping=early_stopping,
@@ -147,6 +156,7 @@ class MAPADensity(BaseDeepDensity):
             random_state=random_state,
             verbose=verbose,
             device=device,
+            n_threads=n_threads,
             dtype=dtype,
         )
         self.n_neighbors = n_neighbors
@@ -154,6 +164,10 @@ class MAPADensity(BaseDeepDensity):
         self.refine_iter = refine_iter
         self.refine_samples = refine_samples
         self.learn_codes = learn_codes
+
+    @property
+    def _train_draws(self):
+        return self.refine_samples
 
     # ------------------------------------------------------------------
     # the a-priori part: neighbours, weights, statistics, codes
@@ -194,6 +208,7 @@ class MAPADensity(BaseDeepDensity):
         self.n_neighbors_ = k
         self.X_fit_ = X
         self.atom_log_prior_ = np.log(w / w.sum())
+        self._progress(f"a priori: neighbour index over {n} rows, {k} neighbours each")
         self.neighbors_ = _mapa.fit_neighbors(X)
         dist, idx = _mapa.kneighbors(self.neighbors_, X, k)
         self.bandwidth_ = (
@@ -204,44 +219,70 @@ class MAPADensity(BaseDeepDensity):
         self._rng = rng
         self._train_stats = (idx, log_q, w)
         if codes is not None:
-            candidates = [codes[keep]]
+            candidates = {"given": codes[keep]}
         else:
-            candidates = [_mapa.spectral_codes(X, idx, log_q, self.n_components, rng)]
+            self._progress(f"a priori: bandwidth {self.bandwidth_:.4g}; spectral embedding "
+                           "of the MAPA graph")
+            candidates = {
+                "spectral": _mapa.spectral_codes(X, idx, log_q, self.n_components, rng)
+            }
             if self.n_components == 1 and n > 3:
-                candidates.append(_mapa.angle_codes(X, idx, log_q, rng))
-        candidates = [
-            torch.as_tensor(_mapa.match_prior(c, w, rng, _mapa.INIT_ROTATIONS),
-                            device=self.device_).to(self._torch_dtype)
-            for c in candidates
-        ]
-        self.codes_ = candidates[0]
+                candidates["angle"] = _mapa.angle_codes(X, idx, log_q, rng)
+            if self.init in ("auto", "pca"):
+                candidates["pca"] = _mapa.pca_codes(X, w, self.n_components, rng)
+        self._progress(f"a priori: matching {len(candidates)} candidate code sets "
+                       "to the prior")
+        candidates = {
+            name: _mapa.match_prior(c, w, rng, _mapa.INIT_ROTATIONS)
+            for name, c in candidates.items()
+        }
         self.init_scores_ = None
         if len(candidates) > 1:
-            self.codes_ = self._best_initialisation(candidates, generator)
+            best = self._best_initialisation(candidates, w, generator)
+        else:
+            best = next(iter(candidates))
+        self._start_from(candidates[best], w, linear=codes is None)
 
-    def _best_initialisation(self, candidates, generator):
-        """The candidate codes whose short phase-1 run reaches the best bound.
+    def _start_from(self, codes, w, linear):
+        """Set the codes and, with ``init='pca'``, the decoder's linear start."""
+        self.codes_ = torch.as_tensor(codes, device=self.device_).to(self._torch_dtype)
+        if linear and self.init in ("auto", "pca"):
+            start = regression_start(codes, self.X_fit_, w)
+            self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
+
+    def _best_initialisation(self, candidates, w, generator):
+        """The name of the candidate codes whose short phase-1 run reaches the best bound.
 
         Model-agnostic (the MAPA bound itself decides) and cheap: each trial is
-        ``INIT_TRIAL_EPOCHS`` epochs from the same decoder initialisation; the
-        trials' decoder passes count in ``n_row_passes_``.
+        ``INIT_TRIAL_STEPS`` optimizer steps from the same decoder
+        initialisation (plus, with ``init='pca'``, the candidate's linear
+        start); the trials' decoder passes count in ``n_row_passes_``.
         """
         decoder_init = {k: v.clone() for k, v in self.decoder_.state_dict().items()}
         saved = (self.loss_curve_, self.n_iter_, self.validation_scores_)
-        scores = []
-        for codes in candidates:
+        trial_steps = _mapa.INIT_TRIAL_STEPS
+        if self.max_iter != "auto":
+            n_atoms = self.X_fit_.shape[0]
+            trial_steps = min(trial_steps, self.max_iter * -(-n_atoms // self._batch_size(n_atoms)))
+        scores = {}
+        for name, codes in candidates.items():
             self.decoder_.load_state_dict(decoder_init)
-            self.codes_ = codes.clone()
+            self._start_from(codes, w, linear=True)
             self.loss_curve_, self.n_iter_, self.validation_scores_ = [], 0, None
-            stage = self._phase1_stage(min(self.max_iter, _mapa.INIT_TRIAL_EPOCHS))
+            stage = self._phase1_stage("auto", name=f"mapa-init[{name}]",
+                                       max_steps=trial_steps)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                self._run_stage(stage, generator, 0.0)
-            scores.append(float(np.mean(self.loss_curve_[-3:])) if self.loss_curve_ else 0.0)
+                self._run_stage(stage, generator)
+            scores[name] = (float(np.mean(self.loss_curve_[-3:])) if self.loss_curve_
+                            else 0.0)
         self.loss_curve_, self.n_iter_, self.validation_scores_ = saved
         self.decoder_.load_state_dict(decoder_init)
         self.init_scores_ = scores
-        return candidates[int(np.argmin(scores))]
+        best = min(scores, key=scores.get)
+        self._progress("a priori: candidate bounds " + ", ".join(
+            f"{name} {value:.4f}" for name, value in scores.items()) + f"; keeping {best}")
+        return best
 
     def _neighbour_proposal(self, Xs):
         """MAPA over each row's neighbours: (idx tensor, log q tensor)."""
@@ -257,7 +298,7 @@ class MAPADensity(BaseDeepDensity):
     # ------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------
-    def _phase1_stage(self, max_iter, data=None):
+    def _phase1_stage(self, max_iter, data=None, name="mapa", max_steps=None):
         """The decoder-only MAPA bound, regrouped by atom (one pass per atom)."""
         dtype, device = self._torch_dtype, self.device_
         idx, log_q, w = self._train_stats
@@ -297,7 +338,7 @@ class MAPADensity(BaseDeepDensity):
             return loss, loss.detach() - const
 
         return TrainingStage(
-            "mapa",
+            name,
             n_atoms,
             phase1_loss,
             list(decoder.parameters()) + ([codes] if self.learn_codes and not sparse_codes
@@ -306,13 +347,14 @@ class MAPADensity(BaseDeepDensity):
             self._validation_phase1(data) if data is not None else None,
             after_epoch=self._rematch_codes if self.learn_codes else None,
             sparse_parameters=[codes] if sparse_codes else [],
+            max_steps=max_steps or AUTO_MAX_STEPS,
         )
 
     def _training_stages(self, data):
         stages = [self._phase1_stage(self.max_iter, data)]
         idx, log_q, w = self._train_stats
         del self._train_stats
-        if self.refine_iter > 0:
+        if self.refine_iter != 0:
             stages.append(self._refine_stage(data, idx, log_q, w))
         return stages
 
@@ -375,6 +417,8 @@ class MAPADensity(BaseDeepDensity):
             self.refine_iter,
             validation,
             before=self._update_atom_scales,
+            max_steps=REFINE_MAX_STEPS,
+            budget_param="refine_iter",
         )
 
     def _refine_bound(self, x, idx, log_q, generator):

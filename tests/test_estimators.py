@@ -221,8 +221,11 @@ def test_warm_start_continues(Estimator, curve_data):
 
 def test_early_stopping_keeps_best(Estimator, curve_data):
     X, _ = curve_data
+    # MAPA from its linear start (init='pca') still improves the validation
+    # bound after 200 epochs of 800 rows: its noise scale has far to shrink
+    extra = {"refine_iter": 200, "init": "random"} if Estimator is MAPADensity else {}
     est = Estimator(n_components=1, max_iter=200, early_stopping=True, n_iter_no_change=3,
-                    random_state=0).fit(X)
+                    random_state=0, **extra).fit(X)
     assert est.converged_ and est.n_iter_ < 200
     assert len(est.validation_scores_) == est.n_iter_
 

@@ -216,9 +216,10 @@ def test_no_encoder_and_decoder_only_passes(curve_data):
                       tol=0, random_state=0).fit(X)
     assert not hasattr(est, "encoder_")
     # phase 1: one decoder row per atom per epoch, also in the trial run of
-    # each of the two candidate initialisations; phase 2: refine_samples per row
-    assert len(est.init_scores_) == 2
-    assert est.n_row_passes_ == {"decoder": (2 * 4 + 4) * len(X) + 2 * 3 * len(X)}
+    # each of the three candidate initialisations (spectral, angle, pca);
+    # phase 2: refine_samples per row
+    assert set(est.init_scores_) == {"spectral", "angle", "pca"}
+    assert est.n_row_passes_ == {"decoder": (3 * 4 + 4) * len(X) + 2 * 3 * len(X)}
 
 
 def test_mapa_beats_a_blob_on_a_spiral():

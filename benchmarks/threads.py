@@ -1,0 +1,106 @@
+"""Suite ``threads``: default fits on a busy machine (``n_threads='auto'``).
+
+A default fit (``MAPADensity`` and ``VAEDensity``, ``n_components=1``) of
+spiral rows, timed in three setups and two machine states, interleaved,
+median over repeats:
+
+* ``one thread``: torch set to 1 thread, ``n_threads=None`` (the reference);
+* ``default``: torch at the machine's thread count (``os.cpu_count()``), the
+  estimator's default ``n_threads='auto'`` (which picks the threads);
+* ``all threads``: torch at the machine's thread count, ``n_threads=None``
+  (what fits did before ``n_threads`` existed).
+
+Machine states: idle (this suite's process only), and busy: one extra
+process spinning on one core for the whole measurement. The target of the
+training-budget issue: default / one-thread <= 1.5 when busy, and the
+default no slower than before when idle.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+
+from ._common import environment_section, fmt, log, md_table, timed, write_csv
+
+FULL = dict(n=2000, repeats=3, estimators=("MAPA", "VAE"))
+QUICK = dict(n=300, repeats=1, estimators=("VAE",))
+
+SPIN = "while True: pass"
+
+
+def _fit(name, X, n_threads):
+    import skmapa
+
+    cls = {"MAPA": skmapa.MAPADensity, "VAE": skmapa.VAEDensity}[name]
+    est = cls(n_components=1, random_state=0, n_threads=n_threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with timed() as t:
+            est.fit(X)
+    return t["wall"], est.score(X)
+
+
+def run(cfg, out_dir, env, datasets=None):
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from skmapa.datasets import make_spiral
+
+    X = make_spiral(cfg["n"], random_state=0).X
+    all_threads = os.cpu_count() or 1
+    setups = [("one thread", 1, None), ("default (n_threads='auto')", all_threads, "auto"),
+              ("all threads (n_threads=None)", all_threads, None)]
+    before = torch.get_num_threads()
+    records = []
+    for state in ("idle", "busy"):
+        spinner = (subprocess.Popen([sys.executable, "-c", SPIN]) if state == "busy"
+                   else None)
+        try:
+            for rep in range(cfg["repeats"]):
+                for name in cfg["estimators"]:
+                    for label, threads, n_threads in setups:
+                        torch.set_num_threads(threads)
+                        with threadpool_limits(limits=threads):
+                            wall, score = _fit(name, X, n_threads)
+                        torch.set_num_threads(before)
+                        records.append({"state": state, "estimator": name, "setup": label,
+                                        "repeat": rep, "wall_s": wall, "score": score})
+                        log(f"threads {state} {name} {label} repeat {rep}: {wall:.1f}s")
+        finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
+    write_csv(os.path.join(out_dir, "threads_raw.csv"), records)
+
+    def med(state, name, label):
+        return float(np.median([r["wall_s"] for r in records if (r["state"], r["estimator"],
+                                r["setup"]) == (state, name, label)]))
+
+    rows = []
+    for state in ("idle", "busy"):
+        for name in cfg["estimators"]:
+            ref = med(state, name, setups[0][0])
+            for label, _, _ in setups:
+                m = med(state, name, label)
+                rows.append([state, name, label, fmt(m), fmt(m / ref)])
+    parts = [
+        "# Benchmark `threads`: default fits on an idle and a busy machine",
+        "",
+        f"Default `fit` (`n_components=1`) on {cfg['n']} spiral rows; wall time, median "
+        f"over {cfg['repeats']} repeats (setups interleaved). 'busy': one extra process "
+        f"spinning on one of the {all_threads} logical cores. Ratios are to the one-thread "
+        "fit in the same state.",
+        "",
+        *environment_section(env),
+        md_table(["machine", "estimator", "setup", "fit wall (s)", "/ one thread"], rows),
+        "",
+        "Raw values: `threads_raw.csv`.",
+        "",
+    ]
+    with open(os.path.join(out_dir, "threads.md"), "w") as fh:
+        fh.write("\n".join(parts))
+    return records
