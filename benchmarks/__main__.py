@@ -7,7 +7,7 @@ import time
 from . import _common
 
 SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real",
-          "threads")
+          "threads", "overfit")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -36,7 +36,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
-    from . import curves, density, digits, parallel, real, refine, related, scale, threads
+    from . import (curves, density, digits, overfit, parallel, real, refine, related, scale,
+                   threads)
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -50,7 +51,7 @@ def main(argv=None):
     t_all = time.perf_counter()
     modules = {"density": density, "curves": curves, "scale": scale, "related": related,
                "digits": digits, "parallel": parallel, "refine": refine, "real": real,
-               "threads": threads}
+               "threads": threads, "overfit": overfit}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)
