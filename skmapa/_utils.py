@@ -151,20 +151,23 @@ def resolve_n_threads(n_threads, flops_per_call, device):
 def torch_threads(n):
     """Run the block with ``n`` torch intra-op threads, then restore the count.
 
-    Nested and concurrent uses (threads of one process) share one saved
-    count, restored when the last of them leaves.
+    Nested blocks restore the count they found; blocks in concurrent threads
+    of one process share the count found by the first, restored when the
+    last of them leaves.
     """
     global _THREAD_USERS, _THREAD_SAVED
     with _THREAD_LOCK:
+        previous = torch.get_num_threads()
         if _THREAD_USERS == 0:
-            _THREAD_SAVED = torch.get_num_threads()
+            _THREAD_SAVED = previous
         _THREAD_USERS += 1
-        if torch.get_num_threads() != n:
+        if previous != n:
             torch.set_num_threads(n)
     try:
         yield
     finally:
         with _THREAD_LOCK:
             _THREAD_USERS -= 1
-            if _THREAD_USERS == 0 and torch.get_num_threads() != _THREAD_SAVED:
-                torch.set_num_threads(_THREAD_SAVED)
+            target = _THREAD_SAVED if _THREAD_USERS == 0 else previous
+            if torch.get_num_threads() != target:
+                torch.set_num_threads(target)

@@ -1,0 +1,257 @@
+"""The training core's defaults: step budgets, the linear start, early stopping,
+threads and progress reports."""
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+
+from skmapa import IWAEDensity, MAPADensity, VAEDensity
+from skmapa._base import AUTO_MAX_STEPS, WINDOW_STEPS
+from skmapa._linear import probabilistic_pca, regression_start
+from skmapa._utils import FLOPS_PER_THREAD, resolve_n_threads, torch_threads
+
+TINY = dict(hidden_layer_sizes=(8,), random_state=0)
+
+
+def _table(n=300, D=5, d=2, seed=0):
+    """Rows of a linear-Gaussian model with unequal feature scales."""
+    rng = np.random.RandomState(seed)
+    W = rng.normal(size=(D, d)) * 2
+    X = rng.normal(size=(n, d)) @ W.T + 0.3 * rng.normal(size=(n, D))
+    return X * np.arange(1, D + 1) + 10
+
+
+# ----------------------------------------------------------------------
+# the linear special case
+# ----------------------------------------------------------------------
+def _ml_ppca_scores(X_fit, X, d):
+    """scikit-learn's probabilistic PCA, made maximum-likelihood (its
+    covariance divides by n - 1, the maximum-likelihood one by n)."""
+    n, mean = len(X_fit), X_fit.mean(0)
+    return PCA(d).fit(mean + (X_fit - mean) * np.sqrt((n - 1) / n)).score_samples(X)
+
+
+def _standardized_ppca(est, X_fit, X, d):
+    """PPCA in the estimator's standardized units, reported in X's units."""
+    Xs_fit = (X_fit - est.mean_) / est.scale_
+    return _ml_ppca_scores(Xs_fit, (X - est.mean_) / est.scale_, d) - np.log(est.scale_).sum()
+
+
+def _ppca_log_density(start, X):
+    cov = start.weight @ start.weight.T + np.diag(start.noise_var)
+    from scipy.stats import multivariate_normal
+
+    return multivariate_normal(start.mean, cov).logpdf(X)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_probabilistic_pca_is_sklearns_maximum_likelihood(d):
+    X = _table(D=5)
+    start = probabilistic_pca(X, np.ones(len(X)), d)
+    np.testing.assert_allclose(_ppca_log_density(start, X), _ml_ppca_scores(X, X, d),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_probabilistic_pca_posterior_is_the_closed_form():
+    """Tipping & Bishop: mean M^-1 W^T (x - mu), covariance sigma^2 M^-1."""
+    X = _table()
+    s = probabilistic_pca(X, np.ones(len(X)), 2)
+    A, offset, log_std = s.posterior()
+    sigma2 = s.noise_var[0]
+    M = s.weight.T @ s.weight + sigma2 * np.eye(2)
+    x = X[:7]
+    np.testing.assert_allclose(x @ A.T + offset,
+                               (x - s.mean) @ (np.linalg.solve(M, s.weight.T)).T, atol=1e-10)
+    np.testing.assert_allclose(np.exp(2 * log_std), np.diag(sigma2 * np.linalg.inv(M)),
+                               rtol=1e-10)
+
+
+def test_regression_start_on_principal_codes_recovers_the_linear_fit():
+    X = _table()
+    Xc = X - X.mean(0)
+    _, _, Vt = np.linalg.svd(Xc, full_matrices=False)
+    codes = Xc @ Vt[:2].T
+    s = regression_start(codes, X, np.ones(len(X)))
+    resid = X - s.mean - codes @ s.weight.T
+    np.testing.assert_allclose(resid @ Vt[:2].T, 0, atol=1e-8)  # nothing left along the PCs
+    assert s.noise_var[0] == pytest.approx(np.mean(resid**2))
+
+
+@pytest.mark.parametrize("Estimator", [VAEDensity, IWAEDensity])
+def test_pca_start_is_probabilistic_pca_exactly(Estimator):
+    """Untrained (max_iter=0), init='pca' scores probabilistic PCA of the
+    standardized rows, in X's units: quadrature is exact for one latent
+    dimension."""
+    X = _table(D=4)
+    est = Estimator(n_components=1, init="pca", max_iter=0, early_stopping=False,
+                    **TINY).fit(X)
+    np.testing.assert_allclose(est.score_samples(X[:50]), _standardized_ppca(est, X, X[:50], 1),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_pca_start_encoder_is_the_exact_posterior():
+    """At the PCA start the encoder is the exact posterior, so every
+    importance weight p(x, z) / q(z | x) equals p(x): the IWAE bound is
+    log p(x) itself, with no Monte Carlo error, for any number of draws."""
+    X = _table(D=4)
+    est = IWAEDensity(n_components=2, k=3, init="pca", max_iter=0, early_stopping=False,
+                      **TINY).fit(X)
+    Xs = est._standardize(X[:20])
+    with torch.no_grad():
+        bound = est._row_bound(Xs, torch.Generator().manual_seed(0))[1].numpy()
+    # (1e-6 nats: the noise scale's softplus parametrisation, round-tripped)
+    np.testing.assert_allclose(bound - est._log_det(), _standardized_ppca(est, X, X[:20], 2),
+                               rtol=0, atol=1e-5)
+
+
+def test_mapa_keeps_the_pca_candidate_when_its_bound_is_best():
+    """A linear table: the PCA codes beat the spectral ones under the MAPA bound."""
+    X = _table(n=400, D=5, d=1)
+    est = MAPADensity(n_components=1, max_iter=3, refine_iter=0, **TINY).fit(X)
+    assert set(est.init_scores_) == {"spectral", "angle", "pca"}
+    assert min(est.init_scores_, key=est.init_scores_.get) == "pca"
+
+
+# ----------------------------------------------------------------------
+# budgets in steps
+# ----------------------------------------------------------------------
+@pytest.mark.parametrize("n", [150, 700])
+def test_auto_budget_counts_steps_at_every_size(n):
+    X = _table(n=n)
+    est = VAEDensity(n_components=1, init="random", early_stopping=False, tol=0,
+                     n_iter_no_change=10**6, **TINY).fit(X)
+    batch = min(128, n)
+    assert est.n_steps_ == AUTO_MAX_STEPS
+    assert len(est.loss_curve_) == AUTO_MAX_STEPS // WINDOW_STEPS
+    assert est.n_iter_ == math.ceil(AUTO_MAX_STEPS / math.ceil(n / batch))
+    assert not est.converged_
+
+
+def test_integer_budget_still_counts_epochs():
+    X = _table(n=300)
+    est = VAEDensity(n_components=1, init="random", early_stopping=False, max_iter=7,
+                     tol=0, n_iter_no_change=10**6, **TINY).fit(X)
+    assert est.n_iter_ == 7 and len(est.loss_curve_) == 7
+    assert est.n_steps_ == 7 * math.ceil(300 / 128)
+
+
+def test_convergence_warnings_name_the_parameter_of_their_stage():
+    X = _table(n=200)
+    with pytest.warns(ConvergenceWarning) as record:
+        MAPADensity(n_components=1, max_iter=1, refine_iter=1, init="random", **TINY).fit(X)
+    messages = [str(w.message) for w in record if issubclass(w.category, ConvergenceWarning)]
+    assert any("'mapa'" in m and "increase max_iter" in m for m in messages)
+    assert any("'refine'" in m and "increase refine_iter" in m for m in messages)
+
+
+# ----------------------------------------------------------------------
+# early stopping where the estimator overfits
+# ----------------------------------------------------------------------
+@pytest.mark.parametrize("Estimator, n, expected", [
+    (VAEDensity, 300, True), (IWAEDensity, 300, True), (VAEDensity, 1200, False),
+    (VAEDensity, 60, False),  # 6 validation rows are too few
+    (MAPADensity, 300, False),
+])
+def test_auto_early_stopping(Estimator, n, expected):
+    est = Estimator(n_components=1, max_iter=1, init="random", **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(_table(n=n))
+    assert est.early_stopping_ is expected
+    assert (est.validation_scores_ is not None) is expected
+    assert est.early_stopping == "auto"
+
+
+def test_validation_from_the_start_keeps_a_start_that_training_only_worsens(monkeypatch):
+    """With a validation loss that only rises, the stage ends where it began."""
+    from skmapa import _base
+
+    X = _table(n=300)
+    est = VAEDensity(n_components=1, init="pca", max_iter=5, early_stopping=True, **TINY)
+    calls = []
+    real = _base.BaseDeepDensity._run_stage
+
+    def run_stage(self, stage, generator, monitor=True):
+        stage.validation_loss = lambda: torch.tensor(float(len(calls.append(1) or calls)))
+        return real(self, stage, generator, monitor)
+
+    monkeypatch.setattr(_base.BaseDeepDensity, "_run_stage", run_stage)
+    start = VAEDensity(n_components=1, init="pca", max_iter=0, early_stopping=True,
+                       **TINY).fit(X)
+    est.fit(X)
+    np.testing.assert_array_equal(est.score_samples(X[:20]), start.score_samples(X[:20]))
+
+
+def test_init_auto_trains_from_both_starts_and_keeps_one():
+    X = _table(n=300)
+    est = VAEDensity(n_components=1, max_iter=3, **TINY).fit(X)
+    assert set(est.init_scores_) == {"pca", "random"}
+    steps_per_epoch = math.ceil(270 / 128)  # 30 validation rows held out
+    assert est.n_steps_ == 2 * 3 * steps_per_epoch  # both runs are the fit's cost
+    assert est.n_iter_ == 3 and len(est.loss_curve_) == 3  # the kept run
+    for init in ("pca", "random"):
+        assert VAEDensity(n_components=1, max_iter=3, init=init, **TINY).fit(X).init_scores_ \
+            is None
+
+
+# ----------------------------------------------------------------------
+# threads
+# ----------------------------------------------------------------------
+def test_thread_blocks_nest_and_restore():
+    with torch_threads(3):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
+
+
+def test_resolve_n_threads():
+    cpu = torch.device("cpu")
+    with torch_threads(2):
+        assert resolve_n_threads("auto", 1e6, cpu) == 1
+        assert resolve_n_threads("auto", 100 * FLOPS_PER_THREAD, cpu) == 2  # the budget
+        assert resolve_n_threads(None, 1e6, cpu) == 2
+        assert resolve_n_threads(3, 1e6, cpu) == 3
+
+
+@pytest.mark.parametrize("n_threads, inside", [("auto", 1), (None, 2), (2, 2)])
+def test_fit_and_score_run_on_the_chosen_threads_and_restore(monkeypatch, n_threads, inside):
+    from skmapa import _base
+
+    seen = []
+    real = _base.BaseDeepDensity._run_stage
+
+    def run_stage(self, stage, generator, monitor=True):
+        seen.append(torch.get_num_threads())
+        return real(self, stage, generator, monitor)
+
+    monkeypatch.setattr(_base.BaseDeepDensity, "_run_stage", run_stage)
+    X = _table(n=200)
+    with torch_threads(2):
+        est = VAEDensity(n_components=1, max_iter=1, init="random", n_threads=n_threads,
+                         **TINY).fit(X)
+        assert torch.get_num_threads() == 2
+        est.score_samples(X[:5])
+        assert torch.get_num_threads() == 2
+    assert seen and set(seen) == {inside}
+
+
+# ----------------------------------------------------------------------
+# progress
+# ----------------------------------------------------------------------
+def test_verbose_reports_every_stage_with_elapsed_times(capsys):
+    X = _table(n=300, D=3)
+    MAPADensity(n_components=1, max_iter=2, refine_iter=1, verbose=1, **TINY).fit(X)
+    out = capsys.readouterr().out
+    for label in ("a priori: neighbour index", "a priori: bandwidth", "mapa-init[spectral]",
+                  "mapa-init[angle]", "mapa-init[pca]", "candidate bounds", "[MAPADensity] mapa:",
+                  "refine:"):
+        assert label in out, label
+    times = [float(t) for t in re.findall(r"\((\d+\.\d) s\)", out)]
+    assert times and max(times) < 600  # since fit began, not the machine's uptime
+    assert times == sorted(times)
