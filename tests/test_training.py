@@ -112,7 +112,9 @@ def test_pca_start_encoder_is_the_exact_posterior():
 
 def test_mapa_keeps_the_pca_candidate_when_its_bound_is_best():
     """A linear table: the PCA codes beat the spectral ones under the MAPA bound."""
-    X = _table(n=400, D=5, d=1)
+    # seed=2: PCA wins by 0.03 with torch 2.0.0 and 2.13.0 alike; with
+    # seed=0 the two tie to 3e-4 and torch 2.0 picks the spectral codes.
+    X = _table(n=400, D=5, d=1, seed=2)
     est = MAPADensity(n_components=1, max_iter=3, refine_iter=0, **TINY).fit(X)
     assert set(est.init_scores_) == {"spectral", "angle", "pca"}
     assert min(est.init_scores_, key=est.init_scores_.get) == "pca"
