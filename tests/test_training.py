@@ -235,12 +235,19 @@ def test_fit_and_score_run_on_the_chosen_threads_and_restore(monkeypatch, n_thre
     monkeypatch.setattr(_base.BaseDeepDensity, "_run_stage", run_stage)
     X = _table(n=200)
     with torch_threads(2):
-        est = VAEDensity(n_components=1, max_iter=1, init="random", n_threads=n_threads,
+        est = VAEDensity(n_components=2, max_iter=1, init="random", n_threads=n_threads,
                          **TINY).fit(X)
         assert torch.get_num_threads() == 2
-        est.score_samples(X[:5])
+        real_px = est._log_px_importance
+
+        def log_px(Xs):
+            seen.append(torch.get_num_threads())
+            return real_px(Xs)
+
+        est._log_px_importance = log_px
+        est.score_samples(X[:5])  # 1024 draws each: scoring obeys the same rule
         assert torch.get_num_threads() == 2
-    assert seen and set(seen) == {inside}
+    assert len(seen) == 2 and set(seen) == {inside}
 
 
 # ----------------------------------------------------------------------
