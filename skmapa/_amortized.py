@@ -94,9 +94,10 @@ _AMORTIZED_ATTRIBUTES = """
         The inference network q(z | x); ``transform`` returns its mean
         (a ``MixtureEncoder`` when ``encoder='recursive'``).
     init_scores_ : dict or None
-        With ``init='auto'``: the negative bound (validation bound under
-        early stopping) after the short run from each start, 'pca' and
-        'random'; training continued from the lower. None otherwise.
+        With ``init='auto'``: minus the estimated log-likelihood per row
+        (standardized units) of the validation rows, or of up to 1000
+        training rows, after training from each start, 'pca' and 'random';
+        the model with the lower value is kept. None otherwise.
 """
 
 
@@ -216,13 +217,12 @@ class AmortizedDensity(BaseDeepDensity):
         if isinstance(self.encoder_, MixtureEncoder):
             self.encoder_.reset_gates(INITIAL_COMPONENT_WEIGHT)
         self.init_scores_ = None
-        self._random_start = self._linear = None
+        self._random_start = None
         if self.init != "random":
-            self._linear = self._linear_start(data)
             if self.init == "auto":
                 self._move_networks()
                 self._random_start = self._snapshot(None)
-            self._start_linear(self._linear)
+            self._start_linear(self._linear_start(data))
 
     def _train(self, data, generator, counts_before):
         """With ``init='auto'``: train from both starts, keep the better model.
@@ -239,7 +239,6 @@ class AmortizedDensity(BaseDeepDensity):
         both runs (the cost of the fit).
         """
         random_start = self.__dict__.pop("_random_start", None)
-        self.__dict__.pop("_linear", None)
         if random_start is None:
             return super()._train(data, generator, counts_before)
         X_sel = data.X_val

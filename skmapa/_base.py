@@ -178,9 +178,10 @@ _COMMON_PARAMETERS = """
         discarded eigenvalue, and an encoder at its exact posterior), so
         training begins at ``PCA(n_components).score``. 'random' starts the
         networks at random with noise scale 0.1 (standardized units). 'auto'
-        (VAE, IWAE) trains a few hundred steps from each and continues from
-        the better bound (the validation bound under early stopping); for
-        MAPA it is 'pca' (see MAPADensity). The choice is ``init_scores_``.
+        (VAE, IWAE) trains from each start and keeps the model with the
+        higher estimated log-likelihood on the validation rows (or on up to
+        1000 training rows), at twice the training cost; for MAPA it is
+        'pca' (see MAPADensity). The choice is ``init_scores_``.
     max_iter : 'auto' or int, default='auto'
         Training budget of each stage. 'auto' counts optimizer steps, so that
         it means the same at every data size: at most 4000 steps, judged for
