@@ -167,7 +167,7 @@ def task_score(task):
     # dimension (nested: every other node is shared) on the first rows
     n_check = int(task["n_resolution_check"])
     fine = 2 * QUADRATURE_2D_POINTS - 1
-    quad_fine = est._log_px_quadrature(est._standardize(Xa[:n_check]), n_per_dim=fine)
+    quad_fine = est._log_px_quadrature(est._standardize(Xa[:n_check]), n_per_dim=fine)[0]
     quad_fine = quad_fine.double().cpu().numpy() - est._log_det()
     diff = imp - quad
     return {

@@ -255,7 +255,7 @@ class AmortizedDensity(BaseDeepDensity):
             super()._train(data, generator, counts_before)
             # the scoring below is part of this fit's cost: counted from here
             counts_before = self._row_counts()
-            score = float(np.mean(self._log_px_standardized(X_sel)))
+            score = float(np.mean(self._log_px_standardized(X_sel)[0]))
             fits[name] = (score, self._snapshot(None), self.loss_curve_,
                           self.validation_scores_, self.converged_, self.n_iter_)
         self.init_scores_ = {name: -fit[0] for name, fit in fits.items()}

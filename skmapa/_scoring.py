@@ -9,6 +9,8 @@
   deterministic and independent of the other rows;
 * quadrature on a latent grid (one decoder pass over the grid serves every
   row), exact up to the grid's resolution for one or two latent dimensions.
+  ``TiledGrid`` is the scoring grid: decoded once at fit time, cut into tiles,
+  and per row only the tiles that can carry its posterior mass are summed.
 """
 
 import math
@@ -61,7 +63,8 @@ def add_prior_component(means, log_stds, log_weights, prior_weight=PRIOR_WEIGHT)
     return means, log_stds, log_weights
 
 
-def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0):
+def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0,
+                              return_error=False):
     """Importance-sampling estimate of log p(x) with a Gaussian-mixture proposal.
 
     Parameters
@@ -76,6 +79,11 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0)
         Standard normal base draws, shared by all rows (scoring) or per row.
     u0 : float in [0, 1) or tensor (n, 1)
         Offset of the systematic assignment of draws to components.
+    return_error : bool
+        Also return each row's standard error of the estimate (delta method
+        on the weights: ``sqrt(1 / ESS - 1 / S)``, with ESS the effective
+        sample size ``(sum w)^2 / sum w^2``; the formula of independent
+        draws, an overestimate for the quasi-random ones used here).
 
     Draw ``s`` of row ``i`` goes to the component whose cumulative weight
     interval holds ``(s + u0) / S``; the weights use the full mixture density
@@ -103,7 +111,12 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0)
         dim=2,
     )
     log_w = decoder.log_prob(x.unsqueeze(1), z) + standard_normal_log_prob(z) - log_q
-    return torch.logsumexp(log_w, dim=1) - math.log(S)
+    lse = torch.logsumexp(log_w, dim=1)
+    estimate = lse - math.log(S)
+    if not return_error:
+        return estimate
+    inv_ess = torch.exp(torch.logsumexp(2 * log_w, dim=1) - 2 * lse)
+    return estimate, torch.sqrt((inv_ess - 1.0 / S).clamp(min=0))
 
 
 def importance_chunk_rows(n_draws, n_components_mix, n_latent, width=1):
@@ -129,27 +142,6 @@ def latent_grid(n_components, n_per_dim, bound, dtype, device):
     return z, log_w
 
 
-def adaptive_grid_1d(decoder, dtype, device, bound=8.0, start=2049, max_points=2**20,
-                     max_step=0.25):
-    """A 1-D latent grid fine enough for the fitted decoder.
-
-    The number of points doubles until consecutive decoder means differ by at
-    most ``max_step`` noise standard deviations in every feature, so the
-    Gaussian peak of p(x|z) along z is resolved by several points wherever
-    the decoder is steep. Returns ``(z, log_weights, means)``.
-    """
-    n = start
-    scale = decoder.scale.detach()
-    while True:
-        z, log_w = latent_grid(1, n, bound, dtype, device)
-        with torch.no_grad():
-            f = decoder(z)
-        step = ((f[1:] - f[:-1]).abs() / scale).max().item()
-        if step <= max_step or n >= max_points:
-            return z, log_w, f
-        n = 2 * n - 1
-
-
 def quadrature_log_px(x, grid_means, grid_log_weights, scale):
     """log p(x) = logsumexp_g(log w_g + log N(x; f(z_g), scale^2)), chunked."""
     G = grid_means.shape[0]
@@ -161,3 +153,201 @@ def quadrature_log_px(x, grid_means, grid_log_weights, scale):
         lp = gaussian_log_prob(xb.unsqueeze(1), grid_means.unsqueeze(0), scale)
         out[start:start + rows] = torch.logsumexp(lp + grid_log_weights, dim=1)
     return out
+
+
+#: Grid points per tile side: 16 along a 1-D latent, 8 x 8 on a 2-D one.
+TILE_SIDE = {1: 16, 2: 8}
+#: Largest step of the decoder means between neighbouring grid points, in
+#: noise standard deviations. Measured on fitted 2-D models (make_moons): 0.25
+#: gave 1.5e-4 nats mean absolute error against a fine plain grid, 1.0 gave
+#: 1.1e-3 with 16x fewer points; 1-D grids are cheap at 0.25.
+MAX_STEP = {1: 0.25, 2: 1.0}
+#: Coarsest spacing of tile points (latent units): resolves the prior itself.
+COARSEST_SPACING = 0.25
+#: Most halvings of a tile's spacing below ``COARSEST_SPACING``.
+MAX_LEVELS = {1: 14, 2: 8}
+#: Most grid points decoded while building, and most values kept (points x
+#: features); past either the grid stops refining and says it is not
+#: resolved ('auto' then scores by importance sampling). 2**19 decoder rows
+#: cost about as much as importance sampling 500 rows.
+GRID_MAX_POINTS = 2**19
+GRID_MAX_ELEMENTS = 2**22
+#: Tiles are left out of a row's sum when even all of them together carry
+#: less than exp(-PRUNE_NATS) of the row's total.
+PRUNE_NATS = 12.0
+
+
+class TiledGrid:
+    """Quadrature of log p(x) on an adaptive latent grid decoded once, summed
+    per row over the tiles that can hold its posterior mass.
+
+    The latent box ``[-bound, bound]^d`` (``d <= 2``) is cut into tiles of
+    ``side^d`` cell-centred points (a midpoint rule on each tile). A tile is
+    split into ``2^d`` tiles of half the spacing until consecutive decoder
+    means inside it differ by at most ``max_step`` (default ``MAX_STEP``)
+    noise standard deviations
+    along every axis, so the Gaussian peak of p(x|z) is resolved by several
+    points where the decoder is steep, while regions where it is flat (the
+    prior's tails, a latent direction the model does not use) keep coarse
+    tiles. ``resolved`` says whether every tile got there within
+    ``MAX_LEVELS``, ``GRID_MAX_POINTS`` and ``GRID_MAX_ELEMENTS``.
+
+    Each tile keeps a ball (centre, radius) around its decoder means in noise
+    units and the range of its log weights. For a row x, each tile's log
+    contribution is bounded above through its nearest possible point and the
+    row's total from below through the best tile's farthest point; tiles whose
+    bound falls more than ``PRUNE_NATS + log(n_tiles)`` below the total are
+    left out (together they hold less than ``exp(-PRUNE_NATS)`` of it). Only
+    the kept tiles' points are summed, so a row costs the size of its
+    posterior, not the size of the grid.
+
+    The same sum over every tile's points with even indices (twice the
+    spacing, ``2^d`` times the weight) is computed alongside; the absolute
+    difference of the two is the reported error estimate.
+    """
+
+    def __init__(self, decoder, n_latent, dtype, device, bound=8.0, max_step=None):
+        if n_latent not in TILE_SIDE:
+            raise ValueError(f"quadrature needs n_components <= 2, got {n_latent}.")
+        d = n_latent
+        max_step = MAX_STEP[d] if max_step is None else max_step
+        side = TILE_SIDE[d]
+        scale = decoder.scale.detach().to(dtype)
+        n_features = scale.shape[0]
+        # offsets of a tile's points in units of its spacing, and the parity mask
+        j = torch.arange(side, dtype=dtype, device=device) + 0.5
+        offsets = torch.stack(torch.meshgrid(*([j] * d), indexing="ij"), -1).reshape(-1, d)
+        jj = torch.arange(side, device=device)
+        even = torch.ones(side**d, dtype=torch.bool, device=device)
+        for axis in range(d):
+            shape = [1] * d
+            shape[axis] = side
+            even &= (jj.reshape(shape) % 2 == 0).expand(*([side] * d)).reshape(-1)
+        spacing = COARSEST_SPACING
+        width = side * spacing
+        m = int(math.ceil(2 * bound / width))
+        c = -m * width / 2 + width * torch.arange(m, dtype=dtype, device=device)
+        corners = torch.stack(torch.meshgrid(*([c] * d), indexing="ij"), -1).reshape(-1, d)
+        points, log_w, steps = [], [], []
+        kept = decoded = 0
+        self.resolved = True
+        for level in range(MAX_LEVELS[d] + 1):
+            z = corners.unsqueeze(1) + spacing * offsets  # (B, P, d)
+            decoded += z.shape[0] * side**d
+            with torch.no_grad():
+                f = torch.cat([decoder(zb) for zb in z.reshape(-1, d).split(65536)])
+            f = (f / scale).reshape(z.shape[0], *([side] * d), n_features)
+            step = torch.stack(
+                [f.diff(dim=1 + axis).abs().amax(dim=tuple(range(1, d + 2)))
+                 for axis in range(d)], -1
+            ).amax(-1)  # (B,)
+            more = z.shape[0] * 2**d * side**d  # the next level, if all split
+            last = (level == MAX_LEVELS[d] or decoded + more > GRID_MAX_POINTS
+                    or (kept + more) * n_features > GRID_MAX_ELEMENTS)
+            leaf = (step <= max_step) | last
+            if last and not bool((step <= max_step).all()):
+                self.resolved = False
+            points.append(f[leaf].reshape(-1, side**d, n_features))
+            log_w.append(standard_normal_log_prob(z[leaf]) + d * math.log(spacing))
+            steps.append(step[leaf])
+            kept += int(leaf.sum()) * side**d
+            split = corners[~leaf]
+            if split.shape[0] == 0:
+                break
+            spacing /= 2
+            width /= 2
+            children = torch.stack(torch.meshgrid(
+                *([torch.tensor([0.0, width], dtype=dtype, device=device)] * d),
+                indexing="ij"), -1).reshape(-1, d)
+            corners = (split.unsqueeze(1) + children).reshape(-1, d)
+        self.points = torch.cat(points)  # (T, P, D) in noise units
+        self.log_w = torch.cat(log_w)  # (T, P), prior and cell volume
+        self.step = float(torch.cat(steps).max())
+        self.coarse = torch.where(even, self.log_w.new_tensor(d * math.log(2.0)),
+                                  self.log_w.new_tensor(-math.inf))
+        self.centres = self.points.mean(dim=1)
+        self.radii = (self.points - self.centres.unsqueeze(1)).norm(dim=-1).amax(dim=1)
+        self.log_w_max = self.log_w.amax(dim=1)
+        self.log_w_half = self.log_w - 0.5 * (self.points**2).sum(-1)
+        self.log_tile_points = math.log(self.points.shape[1])
+        self.centre_sq = (self.centres**2).sum(-1)
+        self.margin = PRUNE_NATS + math.log(self.points.shape[0])
+        self.log_norm = -0.5 * n_features * math.log(2 * math.pi) - torch.log(scale).sum()
+        self.scale = scale
+
+    @property
+    def n_points(self):
+        return self.points.shape[0] * self.points.shape[1]
+
+    def to(self, device):
+        """Move the grid's tensors (in place) and return it."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+    def log_px(self, x, return_error=False):
+        """log p(x) of standardized rows ``x`` (n, D); with ``return_error``
+        also an error estimate: a third of the absolute difference to the
+        same sum on every other point (a twice coarser grid; a third, as
+        for a rule whose error falls as the spacing squared)."""
+        xs = x / self.scale
+        out = xs.new_empty(xs.shape[0])
+        err = xs.new_empty(xs.shape[0]) if return_error else None
+        n_tiles, n_points, n_features = self.points.shape
+        rows = max(1, CHUNK_ELEMENTS // (n_tiles * max(n_features, 4)))
+        for start in range(0, xs.shape[0], rows):
+            fine, coarse = self._chunk(xs[start:start + rows], return_error)
+            out[start:start + rows] = fine
+            if return_error:
+                err[start:start + rows] = (fine - coarse).abs() / 3
+        out += self.log_norm
+        return (out, err) if return_error else out
+
+    def _pairs(self, xb, row, tile, coarse):
+        """Each (row, tile) pair's logsumexp over the tile's points."""
+        n_points, n_features = self.points.shape[1:]
+        fine_lse = xb.new_empty(row.shape[0])
+        coarse_lse = xb.new_empty(row.shape[0]) if coarse else None
+        per = max(1, CHUNK_ELEMENTS // (n_points * n_features))
+        for s in range(0, row.shape[0], per):
+            rr, tt = row[s:s + per], tile[s:s + per]
+            # -|x - f|^2 / 2 + log w  as  x.f - |f|^2 / 2 + log w - |x|^2 / 2
+            lp = torch.baddbmm(self.log_w_half[tt].unsqueeze(-1), self.points[tt],
+                               xb[rr].unsqueeze(-1)).squeeze(-1)
+            lp -= 0.5 * (xb[rr] ** 2).sum(-1, keepdim=True)
+            fine_lse[s:s + per] = torch.logsumexp(lp, dim=1)
+            if coarse:
+                coarse_lse[s:s + per] = torch.logsumexp(lp + self.coarse, dim=1)
+        return fine_lse, coarse_lse
+
+    def _chunk(self, xb, coarse=False):
+        # screening on the tiles' balls; distances from a matrix product,
+        # loosened by a relative slack against rounding
+        sq = (xb**2).sum(-1, keepdim=True)
+        d2 = (sq - 2 * xb @ self.centres.T + self.centre_sq).clamp_(min=0)
+        dist = d2.sqrt_().mul_(1 + 1e-6)
+        upper = self.log_w_max - 0.5 * (dist - self.radii).clamp_(min=0) ** 2
+        # a lower bound of each row's total: the exact sum over its most
+        # promising tile
+        rows = torch.arange(xb.shape[0], device=xb.device)
+        best = upper.argmax(dim=1)
+        lower = self._pairs(xb, rows, best, False)[0]
+        keep = upper >= (lower - self.margin - self.log_tile_points).unsqueeze(1)
+        row, tile = torch.nonzero(keep, as_tuple=True)
+        del d2, dist, upper, keep
+        fine, coarse_lse = self._pairs(xb, row, tile, coarse)
+        return (_segment_logsumexp(fine, row, xb.shape[0]),
+                _segment_logsumexp(coarse_lse, row, xb.shape[0]) if coarse else None)
+
+
+def _segment_logsumexp(values, segment, n_segments):
+    """logsumexp of ``values`` grouped by ``segment`` ids (every id present)."""
+    top = values.new_full((n_segments,), -math.inf).scatter_reduce_(
+        0, segment, values, reduce="amax"
+    )
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = values.new_zeros(n_segments).index_add_(
+        0, segment, torch.exp(values - safe[segment])
+    )
+    return torch.log(total) + safe

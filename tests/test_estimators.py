@@ -109,8 +109,8 @@ def test_quadrature_resolutions_agree(Estimator, curve_data):
     X, X_test = curve_data
     est = fitted(Estimator, X, n_components=2, max_iter=10)
     Xs = est._standardize(X_test[:50])
-    a = est._log_px_quadrature(Xs, 257).numpy()
-    b = est._log_px_quadrature(Xs, 513).numpy()
+    a = est._log_px_quadrature(Xs, 257)[0].numpy()
+    b = est._log_px_quadrature(Xs, 513)[0].numpy()
     np.testing.assert_allclose(a, b, atol=1e-3)
     imp = est._log_px(X_test[:50], "importance") + est._log_det()
     # a barely trained 2-D model: a loose check that importance sampling and

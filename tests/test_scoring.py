@@ -4,8 +4,13 @@ import math
 
 import torch
 
+import numpy as np
+import pytest
+
+from skmapa import _scoring
+from skmapa._networks import GaussianDecoder
 from skmapa._scoring import (
-    adaptive_grid_1d,
+    TiledGrid,
     add_prior_component,
     latent_grid,
     mixture_importance_log_px,
@@ -16,20 +21,109 @@ from test_objectives import exact_log_px, linear_model
 torch.set_default_dtype(torch.float64)
 
 
-def test_quadrature_1d_matches_closed_form():
-    dec, W, b, sigma = linear_model(d=1, D=2, sigma=0.05)
-    x = torch.randn(50, 2) * 2
-    z, log_w, f = adaptive_grid_1d(dec, torch.float64, "cpu")
-    lp = quadrature_log_px(x, f, log_w, dec.scale)
-    assert torch.allclose(lp, exact_log_px(x, W, b, sigma), atol=1e-6)
+@pytest.mark.parametrize("d, D, sigma", [(1, 2, 0.05), (1, 3, 0.5), (2, 3, 0.5), (2, 2, 0.1)])
+def test_tiled_grid_matches_closed_form(d, D, sigma):
+    """On a linear decoder the scoring grid gives the exact Gaussian marginal,
+    also for rows far out (the pruning keeps the tiles that matter)."""
+    dec, W, b, sigma = linear_model(d=d, D=D, sigma=sigma)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(200, d, generator=g)
+    z[:5] *= 3  # far out, but with the posterior inside the grid's box
+    x = z @ W.T + b + sigma * torch.randn(200, D, generator=g)
+    x[5:10] += 3 * sigma  # off the model's support in data space
+    grid = TiledGrid(dec, d, torch.float64, "cpu")
+    assert grid.resolved
+    lp, err = grid.log_px(x, return_error=True)
+    exact = exact_log_px(x, W, b, sigma)
+    assert torch.allclose(lp, exact, atol=1e-6)
+    assert err.shape == (200,) and bool((err >= 0).all())
 
 
-def test_adaptive_grid_refines_for_steep_decoders():
+def _mlp_decoder(d, D, sigma, seed=0):
+    """A random tanh decoder: curved, steep in places."""
+    torch.manual_seed(seed)
+    dec = GaussianDecoder(d, D, (32, 32), "tanh")
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.mul_(2.0)
+    dec.set_scale(torch.full((D,), sigma))
+    return dec
+
+
+@pytest.mark.parametrize("d, D", [(1, 2), (2, 2), (2, 5)])
+def test_tiled_grid_matches_a_fine_plain_grid(d, D):
+    """On a curved decoder, the adaptive grid with pruning agrees with the
+    plain grid summed over every point: mean error far below 0.01 nats, and
+    the error estimate bounds the error on most rows."""
+    dec = _mlp_decoder(d, D, sigma=0.1)
+    with torch.no_grad():
+        z = torch.randn(300, d, generator=torch.Generator().manual_seed(2))
+        x = dec(z) + 0.1 * torch.randn(300, D, generator=torch.Generator().manual_seed(3))
+    n = 4097 if d == 1 else 801
+    z_ref, log_w = latent_grid(d, n, 8.0, torch.float64, "cpu")
+    ref = quadrature_log_px(x, dec(z_ref).detach(), log_w, dec.scale.detach())
+    grid = TiledGrid(dec, d, torch.float64, "cpu")
+    lp, err = grid.log_px(x, return_error=True)
+    gap = (lp - ref).abs()
+    assert float(gap.mean()) < 2e-3
+    assert float(gap.max()) < 0.03
+    assert float((gap <= err + 1e-6).double().mean()) > 0.8
+
+
+def test_tiled_grid_pruning_drops_nothing_that_matters(monkeypatch):
+    """Summing every tile for every row gives the same values."""
+    dec = _mlp_decoder(2, 3, sigma=0.05, seed=4)
+    with torch.no_grad():
+        x = dec(torch.randn(100, 2)) + 0.05 * torch.randn(100, 3)
+    x[:3] += 5.0
+    grid = TiledGrid(dec, 2, torch.float64, "cpu")
+    pruned = grid.log_px(x)
+    grid.margin = math.inf
+    everything = grid.log_px(x)
+    assert torch.allclose(pruned, everything, atol=1e-6)
+
+
+def test_tiled_grid_adapts_to_the_decoder(monkeypatch):
+    """Steeper against the noise: more points; unresolved when capped."""
     dec, *_ = linear_model(d=1, D=1, sigma=0.3)
-    coarse = adaptive_grid_1d(dec, torch.float64, "cpu")[0].shape[0]
+    coarse = TiledGrid(dec, 1, torch.float64, "cpu").n_points
     dec.set_scale(torch.tensor([0.003]))
-    fine = adaptive_grid_1d(dec, torch.float64, "cpu")[0].shape[0]
-    assert fine > 4 * coarse
+    fine = TiledGrid(dec, 1, torch.float64, "cpu")
+    assert fine.n_points > 4 * coarse and fine.resolved
+    monkeypatch.setitem(_scoring.MAX_LEVELS, 1, 3)
+    assert not TiledGrid(dec, 1, torch.float64, "cpu").resolved
+
+
+def test_importance_standard_error_is_calibrated():
+    """With independent draws the reported standard error matches the spread
+    of the estimates over repeats, and is 0 for the exact posterior."""
+    dec, W, b, sigma = linear_model(d=1, D=2, sigma=0.3)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    means = torch.zeros(4, 1, 1)
+    log_stds = torch.full((4, 1, 1), 0.5)
+    log_w = torch.zeros(4, 1)
+    estimates, errors = [], []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        eps = torch.randn(256, 1, generator=g)
+        lp, se = mixture_importance_log_px(x, dec, means, log_stds, log_w, eps, 0.5,
+                                           return_error=True)
+        estimates.append(lp)
+        errors.append(se)
+    spread = torch.stack(estimates).std(0)
+    typical = torch.stack(errors).median(0).values
+    assert torch.all((typical / spread - 1).abs() < 0.35)
+    _, se = mixture_importance_log_px(
+        x, dec, *_exact_posterior(x, W, b, sigma), torch.randn(16, 1), 0.5, return_error=True
+    )
+    assert torch.allclose(se, torch.zeros(4), atol=1e-6)
+
+
+def _exact_posterior(x, W, b, sigma):
+    cov = torch.linalg.inv(torch.eye(1) + W.T @ W / sigma**2)
+    mu = (x - b) @ (cov @ W.T / sigma**2).T
+    log_std = 0.5 * torch.log(torch.diagonal(cov)).expand_as(mu)
+    return mu.unsqueeze(1), log_std.unsqueeze(1), torch.zeros(x.shape[0], 1)
 
 
 def test_quadrature_2d_matches_closed_form():

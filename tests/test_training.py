@@ -245,6 +245,7 @@ def test_fit_and_score_run_on_the_chosen_threads_and_restore(monkeypatch, n_thre
             return real_px(Xs)
 
         est._log_px_importance = log_px
+        est.set_params(score_method="importance")
         est.score_samples(X[:5])  # 1024 draws each: scoring obeys the same rule
         assert torch.get_num_threads() == 2
     assert len(seen) == 2 and set(seen) == {inside}
