@@ -20,6 +20,11 @@ Suites (see ``benchmarks/README.md``):
     GridSearchCV with ``n_jobs=2`` against ``n_jobs=1``.
 ``refine``
     Diagnostic: MAPA's second phase budget by budget (KL, noise scale).
+``zoo``
+    Every kind of set (scikit-learn's toy sets, the synthetic sets, curves
+    and surfaces in 10-50 dimensions, iris, digits): held-out
+    log-likelihood, KL where the density is exact, training FLOPs; a
+    gallery of the 2-D sets.
 
 Results (markdown tables, CSV of raw values, PNG plots) go to
 ``benchmarks/results/`` (``benchmarks/results/quick/`` with ``--quick``).

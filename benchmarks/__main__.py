@@ -7,7 +7,7 @@ import time
 from . import _common
 
 SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real",
-          "threads", "overfit")
+          "threads", "overfit", "zoo")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--big", action="store_true",
                    help="scale suite: also fit MAPADensity on 1e6 rows")
     p.add_argument("--datasets", nargs="+", default=None,
-                   help="restrict density/curves/related/refine to these data sets "
+                   help="restrict density/curves/related/refine/zoo to these data sets "
                    "(real: to these tables)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="override the seeds of density/curves/related/refine")
@@ -37,7 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
     from . import (curves, density, digits, overfit, parallel, real, refine, related, scale,
-                   threads)
+                   threads, zoo)
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -51,7 +51,7 @@ def main(argv=None):
     t_all = time.perf_counter()
     modules = {"density": density, "curves": curves, "scale": scale, "related": related,
                "digits": digits, "parallel": parallel, "refine": refine, "real": real,
-               "threads": threads, "overfit": overfit}
+               "threads": threads, "overfit": overfit, "zoo": zoo}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)

@@ -64,3 +64,25 @@ def test_real_suite_statsmodels_tables_are_continuous():
     X, columns = real.load_table("macrodata")
     assert X.shape == (202, 10)
     _assert_continuous(X, columns, max_tied=0.1)
+
+
+@pytest.mark.parametrize("name", ["moons", "blobs", "swiss_roll", "spiral",
+                                  "manifold d1 D10", "iris"])
+def test_zoo_splits(name):
+    zoo = pytest.importorskip("benchmarks.zoo")
+    cfg = dict(zoo.QUICK, n_train=120, n_test=80)
+    A, B, log_density = zoo.load_split(name, 0, cfg)
+    kind = zoo.SETS[name][2]
+    if kind == "real":
+        assert A.shape[0] == 120 and B.shape[0] == 30  # iris, 80/20
+    else:
+        assert (A.shape[0], B.shape[0]) == (120, 80)
+    assert A.shape[1] == B.shape[1] >= zoo.SETS[name][1]
+    if kind == "skmapa":
+        assert log_density(B).shape == (80,)
+    else:  # standardized on the training rows
+        assert log_density is None
+        np.testing.assert_allclose(A.mean(0), 0, atol=1e-12)
+        np.testing.assert_allclose(A.std(0), 1)
+    again = zoo.load_split(name, 0, cfg)
+    np.testing.assert_array_equal(again[1], B)

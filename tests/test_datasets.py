@@ -15,6 +15,7 @@ from skmapa.datasets import (
     make_absolute_value,
     make_circle,
     make_figure1,
+    make_manifold,
     make_spiral,
     make_two_clusters,
 )
@@ -450,3 +451,180 @@ def test_single_sets_have_no_variant(generator):
         generator(5, variant=1)
     with pytest.raises(TypeError):
         generator(5, 0.1)  # noise is keyword-only
+
+
+# ---------------------------------------------------------------------------
+# make_manifold: curves and surfaces in many dimensions
+# ---------------------------------------------------------------------------
+
+
+def manifold_reference(data, X, n_latent, n_nodes):
+    """Independent check: Simpson's rule on a uniform grid of the latent box."""
+    z1 = np.linspace(-1.0, 1.0, n_nodes)  # n_nodes odd
+    w1 = np.ones(n_nodes)
+    w1[1:-1:2], w1[2:-1:2] = 4, 2
+    w1 *= (z1[1] - z1[0]) / 3
+    if n_latent == 1:
+        z, weights = z1, w1
+    else:
+        z = np.column_stack([m.ravel() for m in np.meshgrid(z1, z1, indexing="ij")])
+        weights = np.outer(w1, w1).ravel()
+    log_w = np.log(weights) + data.log_prior(z)
+    means = data.f(z)
+    return np.array([
+        logsumexp(log_w + log_normal(x[None, :], means, data.noise)[0]) for x in X
+    ])
+
+
+@pytest.mark.parametrize("n_latent, n_features", [(1, 10), (2, 10), (1, 40)])
+def test_manifold_bunch(n_latent, n_features):
+    data = make_manifold(60, n_latent=n_latent, n_features=n_features, random_state=0)
+    assert set(data) == {"X", "codes", "log_density", "f", "log_prior", "noise",
+                         "latent_grid", "latent_log_weights", "DESCR"}
+    assert data.X.shape == (60, n_features) and data.X.dtype == np.float64
+    assert data.codes.shape == (60, n_latent)
+    assert np.all(np.abs(data.codes) <= 1)
+    grid_shape = data.latent_grid.shape
+    assert grid_shape == ((grid_shape[0],) if n_latent == 1 else (grid_shape[0], 2))
+    assert data.latent_log_weights.shape == grid_shape[:1]
+    assert logsumexp(data.latent_log_weights) == pytest.approx(0, abs=1e-12)
+    np.testing.assert_allclose(np.exp(data.log_prior(data.codes)), 0.5**n_latent)
+    assert np.isneginf(data.log_prior(np.full((1, n_latent), 1.01))).all()
+    log_p = data.log_density(data.X)
+    assert log_p.shape == (60,) and np.all(np.isfinite(log_p))
+    # The embedding is standardised: every feature has mean 0 and variance 1.
+    means = data.f(data.latent_grid)
+    w = np.exp(data.latent_log_weights)
+    np.testing.assert_allclose(w @ means, 0, atol=1e-6)
+    np.testing.assert_allclose(w @ means**2, 1, atol=1e-6)
+    assert f"{n_features} dimensions" in data.DESCR
+
+
+def test_manifold_determinism():
+    kwargs = dict(n_latent=2, n_features=10)
+    a = make_manifold(50, random_state=7, **kwargs)
+    b = make_manifold(50, random_state=np.random.RandomState(7), **kwargs)
+    c = make_manifold(50, random_state=8, **kwargs)
+    np.testing.assert_array_equal(a.X, b.X)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert not np.array_equal(a.X, c.X)
+    # random_state draws the samples only: the manifold and its density are
+    # those of embedding_seed.
+    np.testing.assert_array_equal(a.latent_grid, c.latent_grid)
+    np.testing.assert_array_equal(a.log_density(c.X), c.log_density(c.X))
+    np.testing.assert_array_equal(a.f(a.codes), c.f(a.codes))
+    other = make_manifold(50, random_state=7, embedding_seed=1, **kwargs)
+    assert not np.allclose(other.f(a.codes), a.f(a.codes))
+    np.testing.assert_array_equal(other.codes, a.codes)
+
+
+@pytest.mark.parametrize("n_latent, n_features, noise", [(1, 2, 0.1), (2, 3, 0.5)])
+def test_manifold_integrates_to_one(n_latent, n_features, noise):
+    """On a low-dimensional instance, by quadrature over x; and mean log p
+    on fresh samples estimates the negative entropy int p log p."""
+    data = make_manifold(4000, n_latent=n_latent, n_features=n_features,
+                         noise=noise, random_state=1)
+    means = data.f(data.latent_grid)
+    h = noise / 1.5  # trapezoid aliasing error ~ exp(-2 pi^2 1.5^2) ~ 1e-19
+    axes = [np.arange(lo, hi + h, h) for lo, hi in
+            zip(means.min(axis=0) - 9 * noise, means.max(axis=0) + 9 * noise)]
+    mesh = np.meshgrid(*axes, indexing="ij")
+    log_p = data.log_density(np.column_stack([m.ravel() for m in mesh]))
+    log_p = log_p.reshape(mesh[0].shape)
+    assert integrate(np.exp(log_p), axes) == pytest.approx(1, abs=1e-6)
+    neg_entropy = integrate(np.exp(log_p) * log_p, axes)
+    values = data.log_density(data.X)
+    assert abs(values.mean() - neg_entropy) < 4 * values.std() / np.sqrt(values.size)
+
+
+@pytest.mark.parametrize("n_latent, n_features, noise, n_nodes",
+                         [(1, 10, 0.1, 20_001), (2, 10, 0.3, 1201)])
+def test_manifold_matches_independent_quadrature(n_latent, n_features, noise, n_nodes):
+    """On samples and on points 3 noise widths further off the manifold."""
+    data = make_manifold(15, n_latent=n_latent, n_features=n_features,
+                         noise=noise, random_state=3)
+    rng = np.random.RandomState(3)
+    X = np.vstack([data.X, data.X + 3 * noise * rng.standard_normal(data.X.shape)])
+    expected = manifold_reference(data, X, n_latent, n_nodes)
+    np.testing.assert_allclose(data.log_density(X), expected, atol=1e-6)
+
+
+def test_manifold_importance_sampling_identity():
+    """p(x) = E_{z ~ prior} N(x; f(z), noise^2 I): Monte Carlo with the prior
+    as proposal agrees with the quadrature within its standard error."""
+    data = make_manifold(5, n_latent=2, n_features=10, noise=0.5, random_state=4)
+    rng = np.random.RandomState(4)
+    z = rng.uniform(-1, 1, size=(200_000, 2))
+    lik = np.exp(log_normal(data.X, data.f(z), data.noise))  # (5, M)
+    estimate = lik.mean(axis=1)
+    error = lik.std(axis=1) / np.sqrt(z.shape[0])
+    exact = np.exp(data.log_density(data.X))
+    assert np.all(np.abs(estimate - exact) < 4 * error)
+    assert np.all(error < 0.05 * exact)  # the check has teeth
+
+
+def test_manifold_refined_rule_agrees():
+    data = make_manifold(300, n_latent=2, n_features=10, random_state=5)
+    model = datasets._manifold_model(2, 10, 0)
+    fine_grid, fine_log_w = model.quadrature(data.noise, refine=2)
+    assert fine_grid.shape[0] > 1.5 * data.latent_grid.shape[0]
+    fine = datasets._MixtureLogDensity(data.f(fine_grid), fine_log_w, data.noise)
+    diff = np.abs(data.log_density(data.X) - fine(data.X))
+    assert diff.max() < 1e-5
+
+
+@pytest.mark.parametrize("n_latent, noise", [(1, 0.1), (2, 0.3)])
+def test_manifold_samples_follow_the_density(n_latent, noise):
+    """One-sample KS of projections of 10-D samples against the exact CDF."""
+    data = make_manifold(2000, n_latent=n_latent, n_features=10, noise=noise,
+                         random_state=6)
+    rng = np.random.RandomState(6)
+    for u in [np.eye(10)[0], np.eye(10)[7], rng.standard_normal(10)]:
+        result = stats.kstest(data.X @ u, mixture_cdf(data, u))
+        assert result.pvalue > 1e-3, (u, result)
+    # and mean log p is far above that of points off the manifold
+    log_p = data.log_density(data.X)
+    off = data.log_density(data.X + 3 * data.noise * rng.standard_normal(data.X.shape))
+    assert log_p.mean() > off.mean() + 10
+
+
+def test_manifold_bunch_pickles():
+    data = make_manifold(20, n_latent=2, n_features=10, random_state=9)
+    clone = pickle.loads(pickle.dumps(data))
+    np.testing.assert_array_equal(clone.log_density(data.X), data.log_density(data.X))
+    np.testing.assert_array_equal(clone.f(data.codes), data.f(data.codes))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_latent=0), "n_latent must be an integer in \\[1, 2\\]"),
+        (dict(n_latent=3), "n_latent must be an integer in \\[1, 2\\]"),
+        (dict(n_latent=1.0), "n_latent must be an integer"),
+        (dict(n_latent=True), "n_latent must be an integer"),
+        (dict(n_features=1), "n_features must be an integer in \\[2, 100\\]"),
+        (dict(n_features=101), "n_features must be an integer in \\[2, 100\\]"),
+        (dict(n_features="10"), "n_features must be an integer"),
+        (dict(embedding_seed=-1), "embedding_seed must be an integer"),
+        (dict(embedding_seed=None), "embedding_seed must be an integer"),
+        (dict(embedding_seed=2**32), "embedding_seed must be an integer"),
+        (dict(noise=0), "noise must be a positive"),
+        (dict(noise=np.nan), "noise must be a positive"),
+        (dict(n_samples=0), "n_samples must be a positive int"),
+    ],
+)
+def test_manifold_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_manifold(**{"n_samples": 5, **kwargs})
+
+
+def test_manifold_codes_shape_is_checked():
+    data = make_manifold(5, n_latent=2, n_features=10, random_state=0)
+    with pytest.raises(ValueError, match=r"shape \(m, 2\)"):
+        data.f(np.zeros(3))
+    with pytest.raises(ValueError, match=r"\(m,\) or \(m, 1\)"):
+        make_manifold(5, random_state=0).f(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="features"):
+        data.log_density(np.zeros((2, 3)))
+    with pytest.raises(TypeError):
+        make_manifold(5, 1)  # keyword-only

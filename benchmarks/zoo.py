@@ -1,0 +1,360 @@
+"""Suite ``zoo``: every kind of data set the estimators should handle.
+
+Sets (``SETS``): scikit-learn's ``make_moons`` (noise 0.1), ``make_circles``
+(noise 0.05, factor 0.5), ``make_blobs`` with unequal spreads (3 centres,
+``cluster_std=[0.5, 1.5, 1.0]``), ``make_s_curve`` and ``make_swiss_roll``
+(3-D, noise 0.1 and 0.5); the five synthetic sets of ``skmapa.datasets``;
+curves and surfaces in 10-50 dimensions (``make_manifold``); iris and the
+dequantised digits (``benchmarks.digits.dequantised_digits``).
+
+Generators draw ``n_train + n_test`` rows in one call (seed = the seed of the
+run) and split them; iris and digits are split 80/20 (shuffled by the seed).
+scikit-learn and real sets are standardized by a StandardScaler fitted on
+the training rows (log-likelihoods are per standardized row); the skmapa
+sets are used as they are, so that their exact log density gives the
+held-out KL = mean(log p_true(x) - score_samples(x)) on the test rows.
+
+Estimators: MAPADensity, VAEDensity and IWAEDensity at package defaults
+(``benchmarks._common.deep_estimator``) except ``n_components`` = the
+intrinsic dimension where known, 2 else; KernelDensity and GaussianMixture
+chosen by CV (``benchmarks.density.fit_kde`` and ``fit_gmm``).
+"""
+
+import os
+import warnings
+
+import numpy as np
+from sklearn import datasets as skd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from skmapa.datasets import DATASETS, make_manifold
+
+from ._common import (
+    deep_estimator,
+    environment_section,
+    fmt,
+    log,
+    md_table,
+    median,
+    timed,
+    total_row_passes,
+    write_csv,
+)
+from .density import fit_gmm, fit_kde
+from .digits import dequantised_digits
+
+DEEP = ["MAPA", "VAE", "IWAE"]
+BASELINES = ["KDE (CV)", "GMM (CV)"]
+ESTIMATORS = DEEP + BASELINES
+
+
+def _sklearn(maker, **kwargs):
+    def load(n, seed):
+        return maker(n_samples=n, random_state=seed, **kwargs)[0]
+    return load
+
+
+def _skmapa(name):
+    def load(n, seed):
+        data = DATASETS[name](n, random_state=seed)
+        return data.X, data.log_density
+    return load
+
+
+def _manifold(n_latent, n_features):
+    def load(n, seed):
+        data = make_manifold(n, n_latent=n_latent, n_features=n_features,
+                             random_state=seed)
+        return data.X, data.log_density
+    return load
+
+
+def _table(loader):
+    def load(n, seed):
+        return loader()
+    return load
+
+
+#: name -> (loader(n, seed), n_components, kind). Kinds: "sklearn" (standardized,
+#: no true density), "skmapa" (exact log density), "real" (fixed table, 80/20).
+SETS = {
+    "moons": (_sklearn(skd.make_moons, noise=0.1), 1, "sklearn"),
+    "circles": (_sklearn(skd.make_circles, noise=0.05, factor=0.5), 1, "sklearn"),
+    "blobs": (_sklearn(skd.make_blobs, centers=3, cluster_std=[0.5, 1.5, 1.0]), 2,
+              "sklearn"),
+    "s_curve": (_sklearn(skd.make_s_curve, noise=0.1), 2, "sklearn"),
+    "swiss_roll": (_sklearn(skd.make_swiss_roll, noise=0.5), 2, "sklearn"),
+    **{name: (_skmapa(name), 1, "skmapa") for name in DATASETS},
+    "manifold d1 D10": (_manifold(1, 10), 1, "skmapa"),
+    "manifold d2 D10": (_manifold(2, 10), 2, "skmapa"),
+    "manifold d1 D50": (_manifold(1, 50), 1, "skmapa"),
+    "manifold d2 D30": (_manifold(2, 30), 2, "skmapa"),
+    "iris": (_table(lambda: skd.load_iris().data), 2, "real"),
+    "digits": (_table(dequantised_digits), 2, "real"),
+}
+#: The 2-D sets drawn in the gallery.
+GALLERY = ["moons", "circles", "blobs", "absolute_value", "circle", "spiral", "two_clusters"]
+
+FULL = dict(
+    sets=list(SETS),
+    n_train=1000,
+    n_test=2000,
+    test_fraction=0.2,
+    seeds=[0],
+    deep_params={},  # package defaults
+    kde_bandwidths=np.logspace(-2, 0.5, 16),
+    gmm_components=[1, 2, 3, 4, 6, 8, 12, 16],
+    cv_folds=3,
+    gallery_points=50,
+)
+QUICK = dict(
+    sets=list(SETS),
+    n_train=300,
+    n_test=300,
+    test_fraction=0.2,
+    seeds=[0],
+    deep_params={"MAPA": dict(max_iter=5, refine_iter=2), "VAE": dict(max_iter=5),
+                 "IWAE": dict(max_iter=5)},
+    kde_bandwidths=np.logspace(-2, 0.5, 4),
+    gmm_components=[1, 2, 4],
+    cv_folds=2,
+    gallery_points=20,
+)
+
+
+def load_split(name, seed, cfg):
+    """``(X_train, X_test, log_density or None)`` of one set, standardized if
+    it has no exact density."""
+    loader, _, kind = SETS[name]
+    if kind == "real":
+        X = np.asarray(loader(None, seed), dtype=float)
+        A, B = train_test_split(X, test_size=cfg["test_fraction"], random_state=seed)
+        log_density = None
+    else:
+        out = loader(cfg["n_train"] + cfg["n_test"], seed)
+        X, log_density = out if kind == "skmapa" else (out, None)
+        A, B = X[:cfg["n_train"]], X[cfg["n_train"]:]
+    if kind != "skmapa":
+        scaler = StandardScaler().fit(A)
+        A, B = scaler.transform(A), scaler.transform(B)
+    return A, B, log_density
+
+
+def fit_one(name, X, seed, n_components, cfg):
+    """Fit one estimator; (score_samples, record of the fit)."""
+    rec = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if name in DEEP:
+            est = deep_estimator(name, seed, n_components=n_components,
+                                 **cfg["deep_params"].get(name, {}))
+            with timed() as t:
+                est.fit(X)
+            rec.update(flops=int(est.n_flops_), row_passes=total_row_passes(est),
+                       n_iter=int(est.n_iter_), converged=bool(est.converged_),
+                       noise_scale=float(np.mean(est.noise_scale_)))
+            score = est.score_samples
+        else:
+            fit = fit_kde if name == "KDE (CV)" else fit_gmm
+            with timed() as t:
+                score, chosen = fit(X, seed, cfg)
+            rec.update(chosen)
+    rec.update(fit_wall_s=t["wall"], fit_cpu_s=t["cpu"])
+    return score, rec
+
+
+def _grid(X, n):
+    low, high = X.min(axis=0), X.max(axis=0)
+    pad = 0.15 * (high - low)
+    axes = [np.linspace(lo, hi, n) for lo, hi in zip(low - pad, high + pad)]
+    mesh = np.meshgrid(*axes, indexing="xy")
+    return axes, np.column_stack([m.ravel() for m in mesh])
+
+
+def run(cfg, out_dir, env, datasets=None):
+    sets = list(datasets or cfg["sets"])
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        raise ValueError(f"unknown sets {unknown}; choose from {list(SETS)}")
+    records, gallery = [], {}
+    for ds in sets:
+        n_components = SETS[ds][1]
+        for seed in cfg["seeds"]:
+            A, B, log_density = load_split(ds, seed, cfg)
+            lp_true = log_density(B) if log_density is not None else None
+            show = ds in GALLERY and seed == cfg["seeds"][0]
+            if show:
+                axes, points = _grid(A, cfg["gallery_points"])
+                gallery[ds] = {"data": A, "axes": axes}
+            for name in ESTIMATORS:
+                score, rec = fit_one(name, A, seed, n_components, cfg)
+                with timed() as t:
+                    lp = score(B)
+                out = {"dataset": ds, "seed": seed, "estimator": name,
+                       "n_components": n_components, "n_train": A.shape[0],
+                       "n_test": B.shape[0], "n_features": A.shape[1],
+                       "heldout_ll": float(np.mean(lp)),
+                       "kl": float(np.mean(lp_true - lp)) if lp_true is not None else None,
+                       "score_wall_s": t["wall"], **rec}
+                records.append(out)
+                if show:
+                    gallery[ds][name] = score(points)
+                log(f"zoo {ds} seed={seed} {name}: LL={out['heldout_ll']:.3f}"
+                    + (f" KL={out['kl']:.4f}" if out["kl"] is not None else "")
+                    + f" fit={rec['fit_wall_s']:.1f}s score={t['wall']:.1f}s")
+            if lp_true is not None:
+                records.append({"dataset": ds, "seed": seed, "estimator": "truth",
+                                "heldout_ll": float(np.mean(lp_true))})
+            # partial results survive an interrupted run
+            write_csv(os.path.join(out_dir, "zoo_raw.csv"), records)
+    figure = plot_gallery(gallery, out_dir) if gallery else None
+    write_report(records, cfg, out_dir, env, sets, figure)
+    return records
+
+
+def plot_gallery(gallery, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(gallery)
+    fig, axs = plt.subplots(len(names), 1 + len(ESTIMATORS),
+                            figsize=(2.2 * (1 + len(ESTIMATORS)), 2.2 * len(names)),
+                            squeeze=False)
+    for i, ds in enumerate(names):
+        g = gallery[ds]
+        x, y = g["axes"]
+        extent = (x[0], x[-1], y[0], y[-1])
+        axs[i, 0].scatter(*g["data"].T, s=1, c="k", alpha=0.4)
+        axs[i, 0].set_xlim(x[0], x[-1])
+        axs[i, 0].set_ylim(y[0], y[-1])
+        axs[i, 0].set_ylabel(ds)
+        for j, name in enumerate(ESTIMATORS, start=1):
+            density = np.exp(g[name].reshape(len(y), len(x)))
+            axs[i, j].imshow(density, origin="lower", extent=extent, aspect="auto",
+                             cmap="viridis")
+        for j, title in enumerate(["data"] + ESTIMATORS):
+            if i == 0:
+                axs[i, j].set_title(title, fontsize=9)
+            axs[i, j].set_xticks([])
+            axs[i, j].set_yticks([])
+    fig.tight_layout()
+    fname = "zoo_gallery.png"
+    fig.savefig(os.path.join(out_dir, fname), dpi=70)
+    plt.close(fig)
+    return fname
+
+
+def _get(records, ds, name, key):
+    return [r.get(key) for r in records if r["dataset"] == ds and r["estimator"] == name]
+
+
+def _med(records, ds, name, key):
+    return median(_get(records, ds, name, key))
+
+
+def write_report(records, cfg, out_dir, env, sets, figure):
+    seeds = cfg["seeds"]
+    agg = "median over seeds" if len(seeds) > 1 else "one seed"
+    parts = [
+        "# Benchmark `zoo`: held-out log-likelihood on every kind of data set",
+        "",
+        f"Generators: {cfg['n_train']} training and {cfg['n_test']} test rows from one call "
+        f"(seeds {seeds}); iris and digits: a {1 - cfg['test_fraction']:.0%}/"
+        f"{cfg['test_fraction']:.0%} split. scikit-learn and real sets are standardized by "
+        "a StandardScaler fitted on the training rows (log-likelihoods per standardized row); "
+        "the skmapa sets (the five curves and the manifolds of `make_manifold`, "
+        "`embedding_seed=0`, noise 0.1) are used as they are. MAPA, VAE, IWAE: package "
+        "defaults except `n_components` (column n: the intrinsic dimension where known, "
+        "2 else)"
+        + (f" and {cfg['deep_params']}" if cfg["deep_params"] else "")
+        + "; IWAE with k=10. KDE (CV): bandwidth on standardized data from "
+        f"{len(cfg['kde_bandwidths'])} log-spaced values in [{cfg['kde_bandwidths'][0]:g}, "
+        f"{cfg['kde_bandwidths'][-1]:g}]; GMM (CV): full covariances, n_components in "
+        f"{cfg['gmm_components']}; both by {cfg['cv_folds']}-fold CV of the mean "
+        f"`score_samples`. Every figure is the {agg}.",
+        "",
+        *environment_section(env),
+        f"## Held-out mean log-likelihood (nats per row; higher is better), {agg}",
+        "",
+        "MAPA - best deep: MAPA minus the better of VAE and IWAE; MAPA - best baseline: "
+        "MAPA minus the better of KDE (CV) and GMM (CV). truth: the mean exact log "
+        "density of the test rows (skmapa sets).",
+        "",
+    ]
+    rows = []
+    for ds in sets:
+        ll = {n: _med(records, ds, n, "heldout_ll") for n in ESTIMATORS}
+        best = max(ll, key=lambda n: ll[n])
+        cells = [f"**{fmt(ll[n])}**" if n == best else fmt(ll[n]) for n in ESTIMATORS]
+        truth = _med(records, ds, "truth", "heldout_ll")
+        rows.append([ds, SETS[ds][1], _get(records, ds, "MAPA", "n_features")[0], *cells,
+                     fmt(truth),
+                     fmt(ll["MAPA"] - max(ll["VAE"], ll["IWAE"])),
+                     fmt(ll["MAPA"] - max(ll["KDE (CV)"], ll["GMM (CV)"]))])
+    parts += [md_table(["data set", "n", "D"] + ESTIMATORS
+                       + ["truth", "MAPA - best deep", "MAPA - best baseline"], rows), ""]
+
+    known = [ds for ds in sets if SETS[ds][2] == "skmapa"]
+    if known:
+        rows = []
+        for ds in known:
+            kl = {n: _med(records, ds, n, "kl") for n in ESTIMATORS}
+            best = min(kl, key=lambda n: kl[n])
+            baseline = min(kl["KDE (CV)"], kl["GMM (CV)"])
+            rows.append([ds] + [f"**{fmt(kl[n])}**" if n == best else fmt(kl[n])
+                                for n in ESTIMATORS]
+                        + [fmt(kl["MAPA"] / kl["IWAE"]) if kl["IWAE"] > 0 else "-",
+                           fmt(kl["MAPA"] / baseline) if baseline > 0 else "-"])
+        parts += [f"## Held-out KL to the true density (nats; lower is better), {agg}", "",
+                  md_table(["data set"] + ESTIMATORS + ["MAPA / IWAE", "MAPA / best baseline"],
+                           rows), ""]
+
+    rows = []
+    for ds in sets:
+        flops = {n: _med(records, ds, n, "flops") for n in DEEP}
+        rows.append([ds] + [fmt(flops[n] / 1e9) for n in DEEP]
+                    + [fmt(flops["MAPA"] / flops["IWAE"])]
+                    + [fmt(_med(records, ds, n, "fit_wall_s")) for n in ESTIMATORS]
+                    + [fmt(_med(records, ds, n, "n_iter")) for n in DEEP])
+    parts += [
+        f"## Training cost, {agg}",
+        "",
+        "GFLOP: forward FLOPs of the deep estimators' training (`n_flops_`); fit wall "
+        "time in seconds (KDE and GMM: the whole CV model selection and the refit); "
+        "epochs: `n_iter_`.",
+        "",
+        md_table(["data set"] + [f"{n} GFLOP" for n in DEEP] + ["MAPA / IWAE FLOPs"]
+                 + [f"{n} fit (s)" for n in ESTIMATORS] + [f"{n} epochs" for n in DEEP],
+                 rows),
+        "",
+    ]
+    rows = [[ds] + [fmt(_med(records, ds, n, "noise_scale")) for n in DEEP]
+            + [fmt(_med(records, ds, "KDE (CV)", "bandwidth (std. units)")),
+               fmt(_med(records, ds, "GMM (CV)", "gmm components"))] for ds in sets]
+    parts += [
+        "## Diagnostics",
+        "",
+        "Mean fitted noise scale (`noise_scale_`, in the estimators' standardized units), "
+        "KDE bandwidth and GMM size chosen by CV.",
+        "",
+        md_table(["data set"] + [f"{n} noise scale" for n in DEEP]
+                 + ["KDE bandwidth", "GMM components"], rows),
+        "",
+    ]
+    if figure:
+        parts += [
+            "## Gallery",
+            "",
+            "The training rows of the 2-D sets next to each estimator's density "
+            "(`exp(score_samples)` on a grid; first seed).",
+            "",
+            f"![zoo gallery]({figure})",
+            "",
+        ]
+    parts += ["Per-seed values: `zoo_raw.csv`.", ""]
+    with open(os.path.join(out_dir, "zoo.md"), "w") as fh:
+        fh.write("\n".join(parts))
