@@ -74,9 +74,16 @@ class MAPADensity(BaseDeepDensity):
         The negative MAPA bound reached by a short phase-1 run from each
         candidate initialisation of the codes, by name: 'spectral' (spectral
         embedding of the MAPA graph), 'angle' (``n_components=1``: angle of
-        the 2-D spectral embedding) and 'pca' (``init='pca'``: principal
-        components); the best one is kept. None when there was one
-        candidate.
+        the 2-D spectral embedding) and 'pca' (``init='auto'`` or 'pca':
+        principal components); on a disconnected neighbour graph
+        'components' and 'components-angle' replace 'spectral' and 'angle'
+        (the same embeddings of each connected component, the components
+        laid out side by side in the prior). The best one is kept. None
+        when there was one candidate, or no budget (``max_iter=0``) to
+        compare them.
+    n_graph_components_ : int
+        Connected components of the symmetrised neighbour graph of the
+        training rows (1: connected).
     n_neighbors_ : int
         The number of neighbours used.
     X_fit_ : ndarray of shape (n_atoms, n_features)
@@ -218,16 +225,12 @@ class MAPADensity(BaseDeepDensity):
         rng = check_random_state(int(torch.randint(2**31 - 1, (), generator=generator)))
         self._rng = rng
         self._train_stats = (idx, log_q, w)
+        n_graph, labels = _mapa.graph_components(idx)
+        self.n_graph_components_ = int(n_graph)
         if codes is not None:
             candidates = {"given": codes[keep]}
         else:
-            self._progress(f"a priori: bandwidth {self.bandwidth_:.4g}; spectral embedding "
-                           "of the MAPA graph")
-            candidates = {
-                "spectral": _mapa.spectral_codes(X, idx, log_q, self.n_components, rng)
-            }
-            if self.n_components == 1 and n > 3:
-                candidates["angle"] = _mapa.angle_codes(X, idx, log_q, rng)
+            candidates = self._graph_candidates(X, idx, log_q, labels, w, rng)
             if self.init in ("auto", "pca"):
                 candidates["pca"] = _mapa.pca_codes(X, w, self.n_components, rng)
         self._progress(f"a priori: matching {len(candidates)} candidate code sets "
@@ -237,11 +240,34 @@ class MAPADensity(BaseDeepDensity):
             for name, c in candidates.items()
         }
         self.init_scores_ = None
-        if len(candidates) > 1:
+        if len(candidates) > 1 and self._trial_steps() > 0:
             best = self._best_initialisation(candidates, w, generator)
         else:
             best = next(iter(candidates))
         self._start_from(candidates[best], w, linear=codes is None)
+
+    def _graph_candidates(self, X, idx, log_q, labels, w, rng):
+        """Candidate codes from the MAPA graph: its spectral embedding (and, for
+        one latent dimension, the angle of the 2-D one); on a disconnected
+        graph the same embeddings per component, laid out side by side."""
+        d, n = self.n_components, X.shape[0]
+        within = ["spectral"] + (["angle"] if d == 1 and n > 3 else [])
+        if self.n_graph_components_ == 1:
+            self._progress(f"a priori: bandwidth {self.bandwidth_:.4g}; spectral embedding "
+                           "of the MAPA graph")
+            return {name: _mapa._WITHIN[name](X, idx, log_q, d, rng) for name in within}
+        sizes = np.bincount(labels)
+        self._progress(
+            f"a priori: bandwidth {self.bandwidth_:.4g}; the neighbour graph has "
+            f"{len(sizes)} connected components (rows: "
+            + ", ".join(str(s) for s in sorted(sizes, reverse=True)[:8])
+            + (", ..." if len(sizes) > 8 else "")
+            + "): embedding each one and laying them out side by side in the prior")
+        return {
+            "components" + ("" if name == "spectral" else f"-{name}"):
+                _mapa.component_codes(X, idx, log_q, labels, d, rng, within=name, weights=w)
+            for name in within
+        }
 
     def _start_from(self, codes, w, linear):
         """Set the codes and, with ``init='pca'``, the decoder's linear start."""
@@ -249,6 +275,15 @@ class MAPADensity(BaseDeepDensity):
         if linear and self.init in ("auto", "pca"):
             start = regression_start(codes, self.X_fit_, w)
             self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
+
+    def _trial_steps(self):
+        """Steps of each candidate's trial run: ``INIT_TRIAL_STEPS``, at most
+        the phase-1 budget (none with ``max_iter=0``)."""
+        if self.max_iter == "auto":
+            return _mapa.INIT_TRIAL_STEPS
+        n_atoms = self.X_fit_.shape[0]
+        return min(_mapa.INIT_TRIAL_STEPS,
+                   self.max_iter * -(-n_atoms // self._batch_size(n_atoms)))
 
     def _best_initialisation(self, candidates, w, generator):
         """The name of the candidate codes whose short phase-1 run reaches the best bound.
@@ -260,10 +295,7 @@ class MAPADensity(BaseDeepDensity):
         """
         decoder_init = {k: v.clone() for k, v in self.decoder_.state_dict().items()}
         saved = (self.loss_curve_, self.n_iter_, self.validation_scores_)
-        trial_steps = _mapa.INIT_TRIAL_STEPS
-        if self.max_iter != "auto":
-            n_atoms = self.X_fit_.shape[0]
-            trial_steps = min(trial_steps, self.max_iter * -(-n_atoms // self._batch_size(n_atoms)))
+        trial_steps = self._trial_steps()
         scores = {}
         for name, codes in candidates.items():
             self.decoder_.load_state_dict(decoder_init)
