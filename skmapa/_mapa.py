@@ -6,6 +6,7 @@ statistics of the decoder-only bound, and the a-priori code initialisation.
 Memory is O(N k): no N x N matrix is ever formed.
 """
 
+import math
 import warnings
 
 import numpy as np
@@ -61,13 +62,45 @@ def auto_bandwidth(distances, self_included=True):
     return max(value, MIN_BANDWIDTH)
 
 
+def perplexity_bandwidths(distances, perplexity, n_iter=64):
+    """Per-row bandwidths whose MAPA posterior has ``perplexity`` effective atoms.
+
+    As t-SNE calibrates its kernel: for each row, the bandwidth ``tau_n`` for
+    which ``exp(H(q(. | x_n)))``, the effective number of neighbours the
+    softmax spreads its mass over, equals ``perplexity`` (bisection on
+    ``log tau_n``, all rows at once). The effective number grows from 1 to
+    the number of neighbours with the bandwidth, so the target is met
+    whatever the spacing of a row's neighbours; rows whose neighbours are all
+    at the same distance get the largest bandwidth tried. Floored at
+    ``MIN_BANDWIDTH``.
+    """
+    d2 = np.asarray(distances, dtype=np.float64) ** 2
+    n, k = d2.shape
+    target = math.log(min(max(float(perplexity), 1.0), k))
+    scale = np.sqrt(np.maximum(d2.mean(1), MIN_BANDWIDTH ** 2))
+    lo = np.log(np.full(n, MIN_BANDWIDTH))
+    hi = np.log(scale) + 10.0
+    for _ in range(n_iter):
+        mid = 0.5 * (lo + hi)
+        logits = -0.5 * d2 / np.exp(2 * mid)[:, None]
+        log_q = logits - logsumexp(logits, axis=1, keepdims=True)
+        entropy = -np.sum(np.exp(log_q) * log_q, axis=1)
+        too_wide = entropy > target
+        hi = np.where(too_wide, mid, hi)
+        lo = np.where(too_wide, lo, mid)
+    return np.exp(0.5 * (lo + hi))
+
+
 def mapa_log_weights(distances, idx, bandwidth, atom_log_prior):
     """log q(m | x) over each row's neighbours ``m``.
 
     ``q(m | x) ∝ pi_m exp(-||x - x_m||^2 / (2 bandwidth^2))``, where ``pi_m``
     is the atom's weight in the empirical prior (uniform without
-    sample_weight).
+    sample_weight). ``bandwidth`` is one number or one per row.
     """
+    bandwidth = np.asarray(bandwidth, dtype=np.float64)
+    if bandwidth.ndim == 1:
+        bandwidth = bandwidth[:, None]
     logits = -0.5 * (distances / bandwidth) ** 2 + atom_log_prior[idx]
     return logits - logsumexp(logits, axis=1, keepdims=True)
 

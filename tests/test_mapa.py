@@ -351,3 +351,48 @@ def test_verbose_reports_the_components(capsys):
                     verbose=1, random_state=0).fit(X)
     out = capsys.readouterr().out
     assert "2 connected components (rows: 100, 100)" in out
+
+
+@pytest.mark.parametrize("perplexity", [1.5, 5.0, 12.0])
+def test_perplexity_bandwidths_hit_their_target(perplexity):
+    """Each row's MAPA posterior has exp(H(q)) = perplexity effective atoms,
+    whatever the spacing of its neighbours; a row whose neighbours are all at
+    one distance cannot go below uniform and gets a wide kernel."""
+    rng = np.random.RandomState(0)
+    X = np.r_[rng.randn(300, 3), 10 * rng.randn(200, 3)]
+    dist, idx = _mapa.kneighbors(_mapa.fit_neighbors(X), X, 15)
+    bw = _mapa.perplexity_bandwidths(dist, perplexity)
+    assert bw.shape == (500,)
+    log_q = _mapa.mapa_log_weights(dist, idx, bw, np.zeros(500))
+    eff = np.exp(-(np.exp(log_q) * log_q).sum(1))
+    np.testing.assert_allclose(eff, perplexity, rtol=1e-6)
+    flat = np.c_[np.zeros(4), np.ones((4, 5))]
+    log_q = _mapa.mapa_log_weights(flat, np.zeros((4, 6), dtype=int),
+                                   _mapa.perplexity_bandwidths(flat, 6.0), np.zeros(1))
+    np.testing.assert_allclose(np.exp(log_q), 1 / 6, rtol=1e-3)
+
+
+def test_perplexity_kernel_calibrates_the_training_rows(curve_data):
+    """kernel='perplexity': each training row's MAPA posterior has
+    ``perplexity`` effective atoms; new rows use the median bandwidth."""
+    X, _ = curve_data
+    est = MAPADensity(n_components=1, kernel="perplexity", perplexity=4.0, max_iter=0,
+                      refine_iter=0, random_state=0).fit(X)
+    dist, _ = _mapa.kneighbors(est.neighbors_, est.X_fit_, est.n_neighbors_)
+    bw = _mapa.perplexity_bandwidths(dist, 4.0)
+    assert est.bandwidth_ == pytest.approx(np.median(bw))
+    assert est.bandwidth_ < _mapa.auto_bandwidth(dist)
+
+
+@pytest.mark.parametrize("kernel", ["noise", "denoised"])
+def test_kernel_refit_runs_a_second_first_phase(curve_data, kernel):
+    """'noise' and 'denoised' recompute the training rows' neighbours after
+    phase 1 and train phase 1 again: two phase-1 stages of decoder passes."""
+    X, _ = curve_data
+    kw = dict(n_components=1, max_iter=2, refine_iter=0, tol=0, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = MAPADensity(**kw).fit(X)
+        refit = MAPADensity(kernel=kernel, **kw).fit(X)
+    assert refit.n_iter_ == 2 * plain.n_iter_
+    assert np.all(np.isfinite(refit.score_samples(X[:20])))
