@@ -242,3 +242,157 @@ def test_learned_codes_stay_prior_matched():
     codes = est.codes_.numpy()
     np.testing.assert_allclose(codes.mean(0), 0, atol=0.05)
     np.testing.assert_allclose(np.cov(codes.T), np.eye(2), atol=0.15)
+
+
+# ----------------------------------------------------------------------
+# disconnected neighbour graphs and per-row bandwidths
+# ----------------------------------------------------------------------
+def _moons(n=400, seed=0):
+    """Two moons, the lower one moved 0.5 further down: well separated, but
+    overlapping along the first axis (a projection interleaves them)."""
+    from sklearn.datasets import make_moons
+
+    X, labels = make_moons(n, noise=0.05, random_state=seed)
+    X[labels == 1, 1] -= 0.5
+    return (X - X.mean(0)) / X.std(0), labels
+
+
+def test_graph_components_of_the_symmetrised_knn_graph():
+    X, labels = _moons()
+    dist, idx = _mapa.kneighbors(_mapa.fit_neighbors(X), X, 20)
+    n_comp, found = _mapa.graph_components(idx)
+    assert n_comp == 2
+    # the components are the moons
+    assert all(len(set(found[labels == c])) == 1 for c in (0, 1))
+    joined = np.r_[X, np.c_[np.linspace(-1, 1, 200), np.zeros(200)]]
+    _, jidx = _mapa.kneighbors(_mapa.fit_neighbors(joined), joined, 20)
+    assert _mapa.graph_components(jidx)[0] == 1
+
+
+def test_component_codes_give_each_component_its_share_of_the_prior():
+    """1-D: component c holds its own interval of the N(0, 1) quantiles, of
+    prior mass equal to its share of the rows, and its codes follow its own
+    spectral coordinate inside; further coordinates are per-component
+    normal scores."""
+    rng = np.random.RandomState(0)
+    t = rng.uniform(0, 1, 900)
+    # three separated arcs of 450, 300 and 150 rows
+    sizes = [450, 300, 150]
+    label = np.repeat([0, 1, 2], sizes)
+    X = np.c_[np.cos(3 * t) + 5 * label, np.sin(3 * t)] + 0.02 * rng.randn(900, 2)
+    dist, idx = _mapa.kneighbors(_mapa.fit_neighbors(X), X, 15)
+    log_q = _mapa.mapa_log_weights(dist, idx, _mapa.auto_bandwidth(dist), np.zeros(900))
+    n_comp, found = _mapa.graph_components(idx)
+    assert n_comp == 3
+    for d in (1, 2):
+        codes = _mapa.component_codes(X, idx, log_q, found, d, rng)
+        codes = _mapa.match_prior(codes, np.ones(900), rng, 1 if d == 1 else 0)
+        intervals = sorted((codes[label == c, 0].min(), codes[label == c, 0].max(), c)
+                           for c in range(3))
+        # disjoint, in chain order (the arcs lie along x), with the right mass
+        assert [c for _, _, c in intervals] in ([0, 1, 2], [2, 1, 0])
+        for (_, hi, _), (lo, _, _) in zip(intervals, intervals[1:]):
+            assert hi < lo
+        for lo, hi, c in intervals:
+            mass = stats.norm.cdf(hi) - stats.norm.cdf(lo)
+            assert mass == pytest.approx(sizes[c] / 900, abs=2 / 900)
+            # inside an arc the codes follow the position along it
+            rows = label == c
+            rho = stats.spearmanr(codes[rows, 0], t[rows]).correlation
+            assert abs(rho) > 0.95
+        if d == 2:
+            for c in range(3):
+                assert stats.kstest(codes[label == c, 1], "norm").pvalue > 0.5
+
+
+def _wrong_side(codes, labels):
+    """Rows whose code lies on the other moon's side of the median code."""
+    low = codes < np.median(codes)
+    side = 0 if np.mean(low[labels == 0]) > 0.5 else 1
+    return np.flatnonzero(low != (labels == side))
+
+
+def test_disconnected_data_fit_without_warnings_and_components_win():
+    """Two moons: the neighbour graph falls apart into the moons. The fit
+    lets no third-party warning through (scikit-learn's connectivity notice
+    included), chooses the per-component codes by the bound, and the two
+    moons' codes do not interleave."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, labels = _moons(600)
+    kw = dict(n_components=1, max_iter=30, refine_iter=0, hidden_layer_sizes=(32, 32),
+              random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # the package's own notice that a short budget ran out is allowed
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fixed = MAPADensity(learn_codes=False, **kw).fit(X)
+        learned = MAPADensity(**kw).fit(X)
+    for est in (fixed, learned):
+        assert est.n_graph_components_ == 2
+        assert set(est.init_scores_) == {"components", "components-angle", "pca"}
+        assert min(est.init_scores_, key=est.init_scores_.get).startswith("components")
+    # as laid out: each moon on its own side
+    assert len(_wrong_side(fixed.codes_.numpy()[:, 0], labels)) == 0
+    # learning the codes lets a few atoms at the moons' tips cross the
+    # boundary between the two intervals (measured: 14 of 600, all within
+    # 0.08 of it), no more
+    codes = learned.codes_.numpy()[:, 0]
+    wrong = _wrong_side(codes, labels)
+    assert len(wrong) <= 30
+    assert np.all(np.abs(codes[wrong] - np.median(codes)) < 0.2)
+
+
+def test_verbose_reports_the_components(capsys):
+    X, _ = _moons(200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MAPADensity(n_components=2, max_iter=1, refine_iter=0, hidden_layer_sizes=(4,),
+                    verbose=1, random_state=0).fit(X)
+    out = capsys.readouterr().out
+    assert "2 connected components (rows: 100, 100)" in out
+
+
+@pytest.mark.parametrize("perplexity", [1.5, 5.0, 12.0])
+def test_perplexity_bandwidths_hit_their_target(perplexity):
+    """Each row's MAPA posterior has exp(H(q)) = perplexity effective atoms,
+    whatever the spacing of its neighbours; a row whose neighbours are all at
+    one distance cannot go below uniform and gets a wide kernel."""
+    rng = np.random.RandomState(0)
+    X = np.r_[rng.randn(300, 3), 10 * rng.randn(200, 3)]
+    dist, idx = _mapa.kneighbors(_mapa.fit_neighbors(X), X, 15)
+    bw = _mapa.perplexity_bandwidths(dist, perplexity)
+    assert bw.shape == (500,)
+    log_q = _mapa.mapa_log_weights(dist, idx, bw, np.zeros(500))
+    eff = np.exp(-(np.exp(log_q) * log_q).sum(1))
+    np.testing.assert_allclose(eff, perplexity, rtol=1e-6)
+    flat = np.c_[np.zeros(4), np.ones((4, 5))]
+    log_q = _mapa.mapa_log_weights(flat, np.zeros((4, 6), dtype=int),
+                                   _mapa.perplexity_bandwidths(flat, 6.0), np.zeros(1))
+    np.testing.assert_allclose(np.exp(log_q), 1 / 6, rtol=1e-3)
+
+
+def test_perplexity_kernel_calibrates_the_training_rows(curve_data):
+    """kernel='perplexity': each training row's MAPA posterior has
+    ``perplexity`` effective atoms; new rows use the median bandwidth."""
+    X, _ = curve_data
+    est = MAPADensity(n_components=1, kernel="perplexity", perplexity=4.0, max_iter=0,
+                      refine_iter=0, random_state=0).fit(X)
+    dist, _ = _mapa.kneighbors(est.neighbors_, est.X_fit_, est.n_neighbors_)
+    bw = _mapa.perplexity_bandwidths(dist, 4.0)
+    assert est.bandwidth_ == pytest.approx(np.median(bw))
+    assert est.bandwidth_ < _mapa.auto_bandwidth(dist)
+
+
+@pytest.mark.parametrize("kernel", ["noise", "denoised"])
+def test_kernel_refit_runs_a_second_first_phase(curve_data, kernel):
+    """'noise' and 'denoised' recompute the training rows' neighbours after
+    phase 1 and train phase 1 again: two phase-1 stages of decoder passes."""
+    X, _ = curve_data
+    kw = dict(n_components=1, max_iter=2, refine_iter=0, tol=0, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = MAPADensity(**kw).fit(X)
+        refit = MAPADensity(kernel=kernel, **kw).fit(X)
+    assert refit.n_iter_ == 2 * plain.n_iter_
+    assert np.all(np.isfinite(refit.score_samples(X[:20])))
