@@ -7,7 +7,7 @@ import time
 from . import _common
 
 SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real",
-          "threads", "overfit", "zoo")
+          "threads", "overfit", "zoo", "scoring")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -37,7 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
     from . import (curves, density, digits, overfit, parallel, real, refine, related, scale,
-                   threads, zoo)
+                   scoring, threads, zoo)
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -51,7 +51,8 @@ def main(argv=None):
     t_all = time.perf_counter()
     modules = {"density": density, "curves": curves, "scale": scale, "related": related,
                "digits": digits, "parallel": parallel, "refine": refine, "real": real,
-               "threads": threads, "overfit": overfit, "zoo": zoo}
+               "threads": threads, "overfit": overfit, "zoo": zoo,
+               "scoring": scoring}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)

@@ -989,12 +989,19 @@ class BaseDeepDensity(
             lp, err = self._log_px(X, return_error=True)
         large = int(np.sum(err > ERROR_WARN_NATS))
         if large > ERROR_WARN_FRACTION * len(err):
+            method = self._score_method()
+            remedy = (
+                "more n_eval_samples (set before fit) reduce it"
+                if method == "importance"
+                else "the latent grid does not resolve the decoder there; "
+                "score_method='importance' is the alternative"
+            )
             warnings.warn(
                 f"score_samples: the estimate of {large} of {len(err)} rows may be off "
-                f"by more than {ERROR_WARN_NATS} nats (score_method="
-                f"{self._score_method()!r}); such rows are usually far from the "
-                "training data. score_samples(X, return_error=True) gives each "
-                "row's error estimate; more n_eval_samples reduce it.",
+                f"by more than {ERROR_WARN_NATS} nats (score_method={method!r}); "
+                "such rows are usually far from the training data. "
+                f"score_samples(X, return_error=True) gives each row's error estimate; "
+                f"{remedy}.",
                 UserWarning,
             )
         return (lp, err) if return_error else lp

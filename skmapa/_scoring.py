@@ -209,7 +209,7 @@ class TiledGrid:
     def __init__(self, decoder, n_latent, dtype, device, bound=8.0, max_step=None):
         if n_latent not in TILE_SIDE:
             raise ValueError(f"quadrature needs n_components <= 2, got {n_latent}.")
-        d = n_latent
+        d = int(n_latent)
         max_step = MAX_STEP[d] if max_step is None else max_step
         side = TILE_SIDE[d]
         scale = decoder.scale.detach().to(dtype)
@@ -242,8 +242,8 @@ class TiledGrid:
                  for axis in range(d)], -1
             ).amax(-1)  # (B,)
             more = z.shape[0] * 2**d * side**d  # the next level, if all split
-            last = (level == MAX_LEVELS[d] or decoded + more > GRID_MAX_POINTS
-                    or (kept + more) * n_features > GRID_MAX_ELEMENTS)
+            last = bool(level == MAX_LEVELS[d] or decoded + more > GRID_MAX_POINTS
+                        or (kept + more) * n_features > GRID_MAX_ELEMENTS)
             leaf = (step <= max_step) | last
             if last and not bool((step <= max_step).all()):
                 self.resolved = False
@@ -323,10 +323,10 @@ class TiledGrid:
 
     def _chunk(self, xb, coarse=False):
         # screening on the tiles' balls; distances from a matrix product,
-        # loosened by a relative slack against rounding
+        # shortened by a relative slack against its rounding (upper bounds)
         sq = (xb**2).sum(-1, keepdim=True)
         d2 = (sq - 2 * xb @ self.centres.T + self.centre_sq).clamp_(min=0)
-        dist = d2.sqrt_().mul_(1 + 1e-6)
+        dist = d2.sqrt_().mul_(1 - 1e-6)
         upper = self.log_w_max - 0.5 * (dist - self.radii).clamp_(min=0) ** 2
         # a lower bound of each row's total: the exact sum over its most
         # promising tile
@@ -334,6 +334,7 @@ class TiledGrid:
         best = upper.argmax(dim=1)
         lower = self._pairs(xb, rows, best, False)[0]
         keep = upper >= (lower - self.margin - self.log_tile_points).unsqueeze(1)
+        keep[rows, best] = True  # whatever the rounding far out
         row, tile = torch.nonzero(keep, as_tuple=True)
         del d2, dist, upper, keep
         fine, coarse_lse = self._pairs(xb, row, tile, coarse)

@@ -254,3 +254,25 @@ def test_float32_dtype(Estimator, curve_data):
     out = est.score_samples(X_test)
     assert out.dtype == np.float64 and np.all(np.isfinite(out))
     assert est.decoder_.raw_scale.dtype == torch.float32
+
+
+def test_error_estimates_and_their_warning(Estimator, curve_data):
+    """The 2-D grid is accurate against a plain fine grid and says how
+    accurate; importance sampling on rows far from the data warns."""
+    X, X_test = curve_data
+    est = fitted(Estimator, X, n_components=2, max_iter=20)
+    assert est._score_method() == "quadrature"
+    rows = X_test[:100]
+    lp, err = est.score_samples(rows, return_error=True)
+    np.testing.assert_array_equal(lp, est.score_samples(rows))
+    assert err.shape == lp.shape and np.all(err >= 0)
+    plain = est._log_px_quadrature(est._standardize(rows), 1025)[0].numpy() - est._log_det()
+    assert np.mean(np.abs(lp - plain)) < 0.01
+    assert np.median(err) < 0.05
+    est.set_params(score_method="importance")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, err_near = est.score_samples(rows, return_error=True)
+    with pytest.warns(UserWarning, match="may be off by more than 0.1 nats"):
+        _, err_far = est.score_samples(30 * rows, return_error=True)
+    assert np.median(err_far) > 10 * np.median(err_near)
