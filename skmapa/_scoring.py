@@ -260,24 +260,25 @@ class TiledGrid:
                 *([torch.tensor([0.0, width], dtype=dtype, device=device)] * d),
                 indexing="ij"), -1).reshape(-1, d)
             corners = (split.unsqueeze(1) + children).reshape(-1, d)
-        self.points = torch.cat(points)  # (T, P, D) in noise units
+        points = torch.cat(points)  # (T, P, D) in noise units
         self.log_w = torch.cat(log_w)  # (T, P), prior and cell volume
         self.step = float(torch.cat(steps).max())
         self.coarse = torch.where(even, self.log_w.new_tensor(d * math.log(2.0)),
                                   self.log_w.new_tensor(-math.inf))
-        self.centres = self.points.mean(dim=1)
-        self.radii = (self.points - self.centres.unsqueeze(1)).norm(dim=-1).amax(dim=1)
+        self.centres = points.mean(dim=1)
         self.log_w_max = self.log_w.amax(dim=1)
-        self.log_w_half = self.log_w - 0.5 * (self.points**2).sum(-1)
-        self.log_tile_points = math.log(self.points.shape[1])
+        self.offsets = points - self.centres.unsqueeze(1)  # (T, P, D)
+        self.log_w_half = self.log_w - 0.5 * (self.offsets**2).sum(-1)
+        self.radii = self.offsets.norm(dim=-1).amax(dim=1)
+        self.log_tile_points = math.log(points.shape[1])
         self.centre_sq = (self.centres**2).sum(-1)
-        self.margin = PRUNE_NATS + math.log(self.points.shape[0])
+        self.margin = PRUNE_NATS + math.log(points.shape[0])
         self.log_norm = -0.5 * n_features * math.log(2 * math.pi) - torch.log(scale).sum()
         self.scale = scale
 
     @property
     def n_points(self):
-        return self.points.shape[0] * self.points.shape[1]
+        return self.offsets.shape[0] * self.offsets.shape[1]
 
     def to(self, device):
         """Move the grid's tensors (in place) and return it."""
@@ -294,7 +295,7 @@ class TiledGrid:
         xs = x / self.scale
         out = xs.new_empty(xs.shape[0])
         err = xs.new_empty(xs.shape[0]) if return_error else None
-        n_tiles, n_points, n_features = self.points.shape
+        n_tiles, n_points, n_features = self.offsets.shape
         rows = max(1, CHUNK_ELEMENTS // (n_tiles * max(n_features, 4)))
         for start in range(0, xs.shape[0], rows):
             fine, coarse = self._chunk(xs[start:start + rows], return_error)
@@ -306,16 +307,19 @@ class TiledGrid:
 
     def _pairs(self, xb, row, tile, coarse):
         """Each (row, tile) pair's logsumexp over the tile's points."""
-        n_points, n_features = self.points.shape[1:]
+        n_points, n_features = self.offsets.shape[1:]
         fine_lse = xb.new_empty(row.shape[0])
         coarse_lse = xb.new_empty(row.shape[0]) if coarse else None
         per = max(1, CHUNK_ELEMENTS // (n_points * n_features))
         for s in range(0, row.shape[0], per):
             rr, tt = row[s:s + per], tile[s:s + per]
-            # -|x - f|^2 / 2 + log w  as  x.f - |f|^2 / 2 + log w - |x|^2 / 2
-            lp = torch.baddbmm(self.log_w_half[tt].unsqueeze(-1), self.points[tt],
-                               xb[rr].unsqueeze(-1)).squeeze(-1)
-            lp -= 0.5 * (xb[rr] ** 2).sum(-1, keepdim=True)
+            # log w - |x - f|^2 / 2 as a matrix product, relative to the tile's
+            # centre c (no cancellation of large squares in float32):
+            # (x-c).(f-c) + [log w - |f-c|^2 / 2] - |x-c|^2 / 2
+            xc = xb[rr] - self.centres[tt]
+            lp = torch.baddbmm(self.log_w_half[tt].unsqueeze(-1), self.offsets[tt],
+                               xc.unsqueeze(-1)).squeeze(-1)
+            lp -= 0.5 * (xc * xc).sum(-1, keepdim=True)
             fine_lse[s:s + per] = torch.logsumexp(lp, dim=1)
             if coarse:
                 coarse_lse[s:s + per] = torch.logsumexp(lp + self.coarse, dim=1)
