@@ -883,7 +883,7 @@ class BaseDeepDensity(
             xb = Xs[start:start + EVAL_BATCH_ROWS]
             means, log_stds, log_w = add_prior_component(*self._proposal(xb))
             rows = importance_chunk_rows(eps.shape[0], means.shape[1], self.n_components,
-                                         width)
+                                         width, self.device_)
             for i in range(0, xb.shape[0], rows):
                 sl = slice(start + i, start + i + rows)
                 out[sl], err[sl] = mixture_importance_log_px(

@@ -24,8 +24,28 @@ from ._networks import gaussian_log_prob, standard_normal_log_prob
 
 #: Weight of the prior in every importance-sampling proposal.
 PRIOR_WEIGHT = 0.1
-#: Elements (rows x draws x components x dims) handled at once while scoring.
+#: Elements (rows x draws x components x dims) handled at once while scoring
+#: on the CPU (a few cache-friendly MiB of temporaries).
 CHUNK_ELEMENTS = 2**21
+#: On an accelerator a chunk takes free memory / (bytes per element x this):
+#: room for the chunk's temporaries several times over. Capped at 2**28.
+ACCELERATOR_MEMORY_SHARE = 64
+ACCELERATOR_MAX_ELEMENTS = 2**28
+
+
+def chunk_elements(device):
+    """Elements handled at once while scoring on ``device``.
+
+    The CPU gets ``CHUNK_ELEMENTS``; a CUDA device gets a share of its free
+    memory (``torch.cuda.mem_get_info``), so that one chunk fills the
+    accelerator instead of a fixed row count starving it.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CHUNK_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = free // (8 * ACCELERATOR_MEMORY_SHARE)
+    return int(min(max(budget, CHUNK_ELEMENTS), ACCELERATOR_MAX_ELEMENTS))
 
 
 def sobol_normal(n_draws, n_latent, generator):
@@ -119,15 +139,15 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0,
     return estimate, torch.sqrt((inv_ess - 1.0 / S).clamp(min=0))
 
 
-def importance_chunk_rows(n_draws, n_components_mix, n_latent, width=1):
-    """Rows per chunk so that one chunk stays under ``CHUNK_ELEMENTS``.
+def importance_chunk_rows(n_draws, n_components_mix, n_latent, width=1, device="cpu"):
+    """Rows per chunk so that one chunk stays under ``chunk_elements(device)``.
 
     A row costs ``n_draws`` times the larger of its proposal densities
     (components x latent dimensions) and the widest activation the decoder
     computes for one draw (``width``: its widest layer or its output).
     """
     per_row = n_draws * max(n_components_mix * n_latent, width, 1)
-    return max(1, CHUNK_ELEMENTS // per_row)
+    return max(1, chunk_elements(device) // per_row)
 
 
 def latent_grid(n_components, n_per_dim, bound, dtype, device):
@@ -145,7 +165,7 @@ def latent_grid(n_components, n_per_dim, bound, dtype, device):
 def quadrature_log_px(x, grid_means, grid_log_weights, scale):
     """log p(x) = logsumexp_g(log w_g + log N(x; f(z_g), scale^2)), chunked."""
     G = grid_means.shape[0]
-    rows = max(1, CHUNK_ELEMENTS // (G * x.shape[1]))
+    rows = max(1, chunk_elements(x.device) // (G * x.shape[1]))
     # one preallocated result: see BaseDeepDensity._log_px_importance
     out = x.new_empty(x.shape[0])
     for start in range(0, x.shape[0], rows):
@@ -296,21 +316,22 @@ class TiledGrid:
         out = xs.new_empty(xs.shape[0])
         err = xs.new_empty(xs.shape[0]) if return_error else None
         n_tiles, n_points, n_features = self.offsets.shape
-        rows = max(1, CHUNK_ELEMENTS // (n_tiles * max(n_features, 4)))
+        budget = chunk_elements(xs.device)
+        rows = max(1, budget // (n_tiles * max(n_features, 4)))
         for start in range(0, xs.shape[0], rows):
-            fine, coarse = self._chunk(xs[start:start + rows], return_error)
+            fine, coarse = self._chunk(xs[start:start + rows], return_error, budget)
             out[start:start + rows] = fine
             if return_error:
                 err[start:start + rows] = (fine - coarse).abs() / 3
         out += self.log_norm
         return (out, err) if return_error else out
 
-    def _pairs(self, xb, row, tile, coarse):
+    def _pairs(self, xb, row, tile, coarse, budget):
         """Each (row, tile) pair's logsumexp over the tile's points."""
         n_points, n_features = self.offsets.shape[1:]
         fine_lse = xb.new_empty(row.shape[0])
         coarse_lse = xb.new_empty(row.shape[0]) if coarse else None
-        per = max(1, CHUNK_ELEMENTS // (n_points * n_features))
+        per = max(1, budget // (n_points * n_features))
         for s in range(0, row.shape[0], per):
             rr, tt = row[s:s + per], tile[s:s + per]
             # log w - |x - f|^2 / 2 as a matrix product, relative to the tile's
@@ -325,7 +346,7 @@ class TiledGrid:
                 coarse_lse[s:s + per] = torch.logsumexp(lp + self.coarse, dim=1)
         return fine_lse, coarse_lse
 
-    def _chunk(self, xb, coarse=False):
+    def _chunk(self, xb, coarse, budget):
         # screening on the tiles' balls; distances from a matrix product,
         # shortened by a relative slack against its rounding (upper bounds)
         sq = (xb**2).sum(-1, keepdim=True)
@@ -336,12 +357,12 @@ class TiledGrid:
         # promising tile
         rows = torch.arange(xb.shape[0], device=xb.device)
         best = upper.argmax(dim=1)
-        lower = self._pairs(xb, rows, best, False)[0]
+        lower = self._pairs(xb, rows, best, False, budget)[0]
         keep = upper >= (lower - self.margin - self.log_tile_points).unsqueeze(1)
         keep[rows, best] = True  # whatever the rounding far out
         row, tile = torch.nonzero(keep, as_tuple=True)
         del d2, dist, upper, keep
-        fine, coarse_lse = self._pairs(xb, row, tile, coarse)
+        fine, coarse_lse = self._pairs(xb, row, tile, coarse, budget)
         return (_segment_logsumexp(fine, row, xb.shape[0]),
                 _segment_logsumexp(coarse_lse, row, xb.shape[0]) if coarse else None)
 

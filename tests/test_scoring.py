@@ -196,3 +196,31 @@ def test_systematic_assignment_is_proportional():
     counts = torch.stack([(z == -100).sum(), (z == 0).sum(), (z == 100).sum()])
     assert torch.all((counts - S * weights[0]).abs() <= 1)
     assert math.isclose(float(weights.sum()), 1.0)
+
+
+def test_scoring_chunks_follow_the_device_memory(monkeypatch):
+    """The CPU keeps its cache-sized chunks; a CUDA device gets a share of its
+    free memory (between the CPU's chunk and the cap)."""
+    assert _scoring.chunk_elements("cpu") == _scoring.CHUNK_ELEMENTS
+    free = {"bytes": 100 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 0))
+    big = _scoring.chunk_elements(torch.device("cuda"))
+    assert big == 100 * 2**30 // (8 * _scoring.ACCELERATOR_MEMORY_SHARE)
+    assert _scoring.importance_chunk_rows(1024, 3, 2, 64, torch.device("cuda")) == big // (1024 * 64)
+    free["bytes"] = 2**20
+    assert _scoring.chunk_elements(torch.device("cuda")) == _scoring.CHUNK_ELEMENTS
+    free["bytes"] = 2**50
+    assert _scoring.chunk_elements(torch.device("cuda")) == _scoring.ACCELERATOR_MAX_ELEMENTS
+
+
+def test_tiled_grid_does_not_depend_on_the_chunk_size(monkeypatch):
+    """Small chunks (many row and pair chunks) give the same values."""
+    dec = _mlp_decoder(2, 3, sigma=0.1, seed=5)
+    with torch.no_grad():
+        x = dec(torch.randn(300, 2)) + 0.1 * torch.randn(300, 3)
+    grid = TiledGrid(dec, 2, torch.float64, "cpu")
+    whole = grid.log_px(x, return_error=True)
+    monkeypatch.setattr(_scoring, "CHUNK_ELEMENTS", 4096)
+    parts = grid.log_px(x, return_error=True)
+    assert torch.allclose(whole[0], parts[0], atol=1e-12)
+    assert torch.allclose(whole[1], parts[1], atol=1e-12)
