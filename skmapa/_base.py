@@ -998,9 +998,9 @@ class BaseDeepDensity(
             )
             warnings.warn(
                 f"score_samples: the estimate of {large} of {len(err)} rows may be off "
-                f"by more than {ERROR_WARN_NATS} nats (score_method={method!r}); "
-                "(rows far from the training data, or whose posterior the proposal "
-                "misses). "
+                f"by more than {ERROR_WARN_NATS} nats (score_method={method!r}): "
+                "rows far from the training data, or whose posterior the proposal "
+                "misses. "
                 f"score_samples(X, return_error=True) gives each row's error estimate; "
                 f"{remedy}.",
                 UserWarning,
