@@ -300,13 +300,6 @@ class TiledGrid:
     def n_points(self):
         return self.offsets.shape[0] * self.offsets.shape[1]
 
-    def to(self, device):
-        """Move the grid's tensors (in place) and return it."""
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
-
     def log_px(self, x, return_error=False):
         """log p(x) of standardized rows ``x`` (n, D); with ``return_error``
         also an error estimate: a third of the absolute difference to the
