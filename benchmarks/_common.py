@@ -183,6 +183,12 @@ def median(values):
     return float(np.median(values)) if values else float("nan")
 
 
+def values_of(records, dataset, estimator, key):
+    """``key`` of every record of ``dataset`` and ``estimator`` (seeds, folds)."""
+    return [r.get(key) for r in records
+            if r["dataset"] == dataset and r["estimator"] == estimator]
+
+
 def write_csv(path, records):
     """Write a list of flat dicts as CSV (columns: union of keys, in order)."""
     keys = []

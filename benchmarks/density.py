@@ -29,6 +29,7 @@ from ._common import (
     median,
     timed,
     total_row_passes,
+    values_of,
     write_csv,
 )
 
@@ -175,10 +176,6 @@ def run(cfg, out_dir, env, datasets=None):
     return records
 
 
-def _get(records, ds, name, key):
-    return [r.get(key) for r in records if r["dataset"] == ds and r["estimator"] == name]
-
-
 def write_report(records, cfg, out_dir, env, datasets):
     seeds = cfg["seeds"]
     agg = "median over seeds" if len(seeds) > 1 else "one seed"
@@ -204,11 +201,11 @@ def write_report(records, cfg, out_dir, env, datasets):
     ]
     rows = []
     for ds in datasets:
-        meds = {n: median(_get(records, ds, n, "kl")) for n in ESTIMATORS}
+        meds = {n: median(values_of(records, ds, n, "kl")) for n in ESTIMATORS}
         best = min(meds, key=lambda n: meds[n])
         row = [ds]
         for n in ESTIMATORS:
-            vals = _get(records, ds, n, "kl")
+            vals = values_of(records, ds, n, "kl")
             cell = fmt(meds[n])
             if len(vals) > 1:
                 cell += f" [{fmt(min(vals))}, {fmt(max(vals))}]"
@@ -224,7 +221,7 @@ def write_report(records, cfg, out_dir, env, datasets):
         "",
     ]
     rows = [
-        [ds] + [fmt(median(_get(records, ds, n, "fit_wall_s"))) for n in ESTIMATORS]
+        [ds] + [fmt(median(values_of(records, ds, n, "fit_wall_s"))) for n in ESTIMATORS]
         for ds in datasets
     ]
     parts += [md_table(["data set"] + ESTIMATORS, rows), ""]
@@ -241,14 +238,15 @@ def write_report(records, cfg, out_dir, env, datasets):
     for ds in datasets:
         row = [ds]
         for n in DEEP:
-            row.append(fmt(median(_get(records, ds, n, "row_passes")) / 1e6))
+            row.append(fmt(median(values_of(records, ds, n, "row_passes")) / 1e6))
         for n in DEEP:
-            row.append(fmt(median(_get(records, ds, n, "flops")) / 1e9))
+            row.append(fmt(median(values_of(records, ds, n, "flops")) / 1e9))
         for num, key in (("IWAE", "row_passes"), ("VAE", "row_passes"),
                          ("IWAE", "flops"), ("IWAE", "fit_cpu_s")):
             ratios = [
                 a / b
-                for a, b in zip(_get(records, ds, num, key), _get(records, ds, "MAPA", key))
+                for a, b in zip(values_of(records, ds, num, key),
+                                values_of(records, ds, "MAPA", key))
                 if a is not None and b
             ]
             row.append(fmt(median(ratios)))
@@ -275,18 +273,18 @@ def write_report(records, cfg, out_dir, env, datasets):
     ]
     rows = []
     for ds in datasets:
-        p1 = median(_get(records, ds, MAPA_PHASE1, "n_iter"))
-        tot = median(_get(records, ds, "MAPA", "n_iter"))
+        p1 = median(values_of(records, ds, MAPA_PHASE1, "n_iter"))
+        tot = median(values_of(records, ds, "MAPA", "n_iter"))
         row = [ds, f"{fmt(p1)} + {fmt(tot - p1)}"]
         for n in DEEP:
-            conv = _get(records, ds, n, "converged")
+            conv = values_of(records, ds, n, "converged")
             if n != "MAPA":
-                row.append(fmt(median(_get(records, ds, n, "n_iter"))))
+                row.append(fmt(median(values_of(records, ds, n, "n_iter"))))
             row.append(f"{sum(bool(c) for c in conv)}/{len(conv)}")
-        row.append(fmt(median(_get(records, ds, MAPA_PHASE1, "kl"))))
-        row.append(fmt(median(_get(records, ds, MAPA_PHASE1, "fit_wall_s"))))
-        row.append(fmt(median(_get(records, ds, "KDE (CV)", "bandwidth (std. units)"))))
-        row.append(fmt(median(_get(records, ds, "GMM (CV)", "gmm components"))))
+        row.append(fmt(median(values_of(records, ds, MAPA_PHASE1, "kl"))))
+        row.append(fmt(median(values_of(records, ds, MAPA_PHASE1, "fit_wall_s"))))
+        row.append(fmt(median(values_of(records, ds, "KDE (CV)", "bandwidth (std. units)"))))
+        row.append(fmt(median(values_of(records, ds, "GMM (CV)", "gmm components"))))
         rows.append(row)
     parts += [
         md_table(

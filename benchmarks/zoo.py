@@ -40,6 +40,7 @@ from ._common import (
     median,
     timed,
     total_row_passes,
+    values_of,
     write_csv,
 )
 from .density import fit_gmm, fit_kde
@@ -248,12 +249,8 @@ def plot_gallery(gallery, out_dir):
     return fname
 
 
-def _get(records, ds, name, key):
-    return [r.get(key) for r in records if r["dataset"] == ds and r["estimator"] == name]
-
-
 def _med(records, ds, name, key):
-    return median(_get(records, ds, name, key))
+    return median(values_of(records, ds, name, key))
 
 
 def write_report(records, cfg, out_dir, env, sets, figure):
@@ -291,7 +288,7 @@ def write_report(records, cfg, out_dir, env, sets, figure):
         best = max(ll, key=lambda n: ll[n])
         cells = [f"**{fmt(ll[n])}**" if n == best else fmt(ll[n]) for n in ESTIMATORS]
         truth = _med(records, ds, "truth", "heldout_ll")
-        rows.append([ds, SETS[ds][1], _get(records, ds, "MAPA", "n_features")[0], *cells,
+        rows.append([ds, SETS[ds][1], values_of(records, ds, "MAPA", "n_features")[0], *cells,
                      fmt(truth),
                      fmt(ll["MAPA"] - max(ll["VAE"], ll["IWAE"])),
                      fmt(ll["MAPA"] - max(ll["KDE (CV)"], ll["GMM (CV)"]))])

@@ -984,12 +984,12 @@ class BaseDeepDensity(
         True
         """
         X = self._check_X(X)
-        draws = self.n_eval_samples if self._score_method() == "importance" else 1
+        method = self._score_method()
+        draws = self.n_eval_samples if method == "importance" else 1
         with self._eval_threads(X.shape[0], draws):
-            lp, err = self._log_px(X, return_error=True)
+            lp, err = self._log_px(X, method, return_error=True)
         large = int(np.sum(err > ERROR_WARN_NATS))
         if large > ERROR_WARN_FRACTION * len(err):
-            method = self._score_method()
             remedy = (
                 "more n_eval_samples (set before fit) reduce it"
                 if method == "importance"
