@@ -18,6 +18,8 @@ from scipy.stats import norm
 from sklearn.manifold import spectral_embedding
 from sklearn.neighbors import NearestNeighbors
 
+from ._scoring import decoder_jacobian
+
 #: Smallest bandwidth, in standardized units (duplicated rows give 0 distances).
 MIN_BANDWIDTH = 1e-3
 #: Rows used to compute the spectral initialisation of the codes.
@@ -351,20 +353,11 @@ def laplace_log_scales(decoder, codes):
     atom, with ``J`` the decoder's Jacobian (one forward-mode pass per latent
     dimension). These widths scale the MAPA mixture used as a proposal.
     """
-    d = codes.shape[1]
     inv_var = 1.0 / decoder.scale.detach() ** 2
     out = []
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch's first forward-mode call loads its decompositions through
-        # the deprecated torch.jit.script (torch 2.13): its notice is not ours
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
-                                category=DeprecationWarning)
+    with torch.no_grad():
         for chunk in codes.split(65536):
-            prec = []
-            for j in range(d):
-                tangent = torch.zeros_like(chunk)
-                tangent[:, j] = 1.0
-                _, jvp = torch.func.jvp(decoder.mean_function, (chunk,), (tangent,))
-                prec.append(1.0 + (jvp * jvp * inv_var).sum(-1))
-            out.append(-0.5 * torch.log(torch.stack(prec, dim=-1)))
+            _, J = decoder_jacobian(decoder, chunk)  # (n, D, d)
+            prec = 1.0 + (J * J * inv_var[:, None]).sum(1)
+            out.append(-0.5 * torch.log(prec))
     return torch.cat(out)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import norm, qmc
 
-from ._networks import gaussian_log_prob, standard_normal_log_prob
+from ._networks import gaussian_log_prob, mixture_log_prob, standard_normal_log_prob
 
 #: Weight of the prior in every importance-sampling proposal.
 PRIOR_WEIGHT = 0.1
@@ -83,6 +83,48 @@ def add_prior_component(means, log_stds, log_weights, prior_weight=PRIOR_WEIGHT)
     return means, log_stds, log_weights
 
 
+def mixture_draws(means, log_stds, log_weights, eps, u0):
+    """Stratified draws from a Gaussian-mixture proposal and their log density.
+
+    Draw ``s`` of row ``i`` goes to the component whose cumulative weight
+    interval holds ``(s + u0) / S`` (systematic assignment); ``eps`` (S, d)
+    or (n, S, d) are the standard normal base draws. Returns ``z`` (n, S, d)
+    and the log density of the whole mixture at each draw (n, S).
+    """
+    n, C, d = means.shape
+    S = eps.shape[-2]
+    cum = torch.cumsum(torch.exp(log_weights), dim=1)
+    cum = cum / cum[:, -1:]
+    pos = (torch.arange(S, device=means.device, dtype=means.dtype) + u0) / S
+    comp = torch.searchsorted(cum.contiguous(), pos.expand(n, S).contiguous())
+    if eps.dim() == 2:
+        eps = eps.unsqueeze(0)
+    comp = comp.clamp_(max=C - 1)  # (n, S)
+    idx = comp.unsqueeze(-1).expand(n, S, d)
+    mu = torch.gather(means, 1, idx)
+    std = torch.exp(torch.gather(log_stds, 1, idx))
+    z = mu + std * eps  # (n, S, d)
+    return z, _mixture_log_prob(z, means, log_stds, log_weights)
+
+
+def _mixture_log_prob(z, means, log_stds, log_weights):
+    """``mixture_log_prob`` of draws ``z`` (n, S, d): shape (n, S)."""
+    return mixture_log_prob(z.transpose(0, 1), means, log_stds, log_weights).transpose(0, 1)
+
+
+def log_mean_weights(log_w, return_error=False):
+    """log of the mean importance weight per row, and its standard error
+    ``sqrt(1 / ESS - 1 / S)`` (delta method; ESS the effective sample size
+    ``(sum w)^2 / sum w^2``, the formula of independent draws)."""
+    S = log_w.shape[1]
+    lse = torch.logsumexp(log_w, dim=1)
+    estimate = lse - math.log(S)
+    if not return_error:
+        return estimate
+    inv_ess = torch.exp(torch.logsumexp(2 * log_w, dim=1) - 2 * lse)
+    return estimate, torch.sqrt((inv_ess - 1.0 / S).clamp(min=0))
+
+
 def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0,
                               return_error=False):
     """Importance-sampling estimate of log p(x) with a Gaussian-mixture proposal.
@@ -105,38 +147,208 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0,
         sample size ``(sum w)^2 / sum w^2``; the formula of independent
         draws, an overestimate for the quasi-random ones used here).
 
-    Draw ``s`` of row ``i`` goes to the component whose cumulative weight
-    interval holds ``(s + u0) / S``; the weights use the full mixture density
-    (balance heuristic), so the estimate of p(x) is unbiased over the base
-    draws and the assignment offset.
+    The draws are stratified over the components (``mixture_draws``); the
+    weights use the full mixture density (balance heuristic), so the
+    estimate of p(x) is unbiased over the base draws and the assignment
+    offset.
+    """
+    z, log_q = mixture_draws(means, log_stds, log_weights, eps, u0)
+    log_w = decoder.log_prob(x.unsqueeze(1), z) + standard_normal_log_prob(z) - log_q
+    return log_mean_weights(log_w, return_error)
+
+
+def weighted_gaussian(z, log_w, prior_cov, prior_count):
+    """Mean and Cholesky factor of the Gaussian fitted to weighted draws.
+
+    ``z`` (n, S, d) with log weights ``log_w`` (n, S); the covariance is
+    shrunk towards ``prior_cov`` (n, d, d) as if it were ``prior_count``
+    extra draws, against the draws' effective sample size, so that a pilot
+    whose weight sits on one draw still gives a proper Gaussian.
+    """
+    w = torch.softmax(log_w, dim=1)
+    mean = (w.unsqueeze(-1) * z).sum(1)
+    dev = z - mean.unsqueeze(1)
+    cov = torch.einsum("ns,nsi,nsj->nij", w, dev, dev)
+    ess = (1.0 / (w * w).sum(1)).reshape(-1, 1, 1)
+    cov = (ess * cov + prior_count * prior_cov) / (ess + prior_count)
+    d = z.shape[-1]
+    jitter = 1e-6 * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).reshape(-1, 1, 1)
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    chol, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+    if bool((info > 0).any()):
+        diag = torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=1e-12)
+        chol = torch.where((info > 0).reshape(-1, 1, 1), torch.diag_embed(diag.sqrt()), chol)
+    return mean, chol
+
+
+def full_gaussian_log_prob(z, mean, chol):
+    """log N(z; mean, chol chol^T) for draws ``z`` (n, S, d), per row."""
+    dev = (z - mean.unsqueeze(1)).transpose(1, 2)  # (n, d, S)
+    sol = torch.linalg.solve_triangular(chol, dev, upper=False)
+    d = z.shape[-1]
+    log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1, keepdim=True)
+    return -0.5 * (sol * sol).sum(1) - log_det - 0.5 * d * math.log(2 * math.pi)
+
+
+def mixture_covariance(means, log_stds, log_weights):
+    """Covariance (n, d, d) of each row's diagonal Gaussian mixture."""
+    w = torch.exp(log_weights - torch.logsumexp(log_weights, 1, keepdim=True))
+    mean = (w.unsqueeze(-1) * means).sum(1)
+    dev = means - mean.unsqueeze(1)
+    cov = torch.einsum("nc,nci,ncj->nij", w, dev, dev)
+    return cov + torch.diag_embed((w.unsqueeze(-1) * torch.exp(2 * log_stds)).sum(1))
+
+
+def decoder_jacobian(decoder, z):
+    """Decoder means (n, D) at ``z`` (n, d) and their Jacobian (n, D, d): one
+    forward-mode pass per latent dimension."""
+    cols = []
+    with warnings.catch_warnings():
+        # torch's first forward-mode call loads its decompositions through
+        # the deprecated torch.jit.script (torch 2.13): its notice is not ours
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                category=DeprecationWarning)
+        for j in range(z.shape[1]):
+            tangent = torch.zeros_like(z)
+            tangent[:, j] = 1.0
+            f, jvp = torch.func.jvp(decoder.mean_function, (z,), (tangent,))
+            cols.append(jvp)
+    return f, torch.stack(cols, -1)
+
+
+def laplace_gaussian(decoder, x, z, steps=2):
+    """Gauss-Newton steps towards each row's posterior mode from ``z`` (n, d)
+    and the Laplace approximation there: (mean, Cholesky factor of the
+    covariance ``(I + J^T diag(1 / sigma^2) J)^-1``). A step is kept only
+    where it raises log p(x, z)."""
+    d = z.shape[1]
+    inv_var = 1.0 / decoder.scale.detach() ** 2
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+
+    def joint(z):
+        return decoder.log_prob(x, z) + standard_normal_log_prob(z)
+
+    current = joint(z)
+    for step in range(steps + 1):
+        f, J = decoder_jacobian(decoder, z)
+        H = eye + torch.einsum("nki,k,nkj->nij", J, inv_var, J)
+        chol_h = torch.linalg.cholesky(H)
+        if step == steps:
+            break
+        grad = torch.einsum("nki,k,nk->ni", J, inv_var, x - f) - z
+        delta = torch.cholesky_solve(grad.unsqueeze(-1), chol_h).squeeze(-1)
+        trial = z + delta
+        value = joint(trial)
+        better = value > current
+        z = torch.where(better.unsqueeze(-1), trial, z)
+        current = torch.where(better, value, current)
+    # covariance H^-1 = (L L^T)^-1: its Cholesky factor is (L^-T) up to an
+    # orthogonal factor; L^-T is upper triangular, so take chol(H^-1) directly
+    cov = torch.cholesky_inverse(chol_h)
+    return z, torch.linalg.cholesky(cov)
+
+
+#: Gauss-Newton steps of the Laplace start of adaptive importance sampling.
+LAPLACE_STEPS = 2
+#: Standard deviations of the Laplace start: the Laplace ones times this.
+LAPLACE_WIDENING = 1.2
+
+
+def laplace_start(x, decoder, means, width, steps=LAPLACE_STEPS,
+                  widening=LAPLACE_WIDENING):
+    """The Gaussian that adaptive importance sampling starts from, per row.
+
+    Gauss-Newton steps from the proposal component mean (of ``means``,
+    (n, C, d)) with the highest log p(x, z), then the Laplace approximation
+    there with its standard deviations times ``widening``; rows in chunks
+    of ``CHUNK_ELEMENTS`` decoder activations (``width``: the decoder's
+    widest layer). Returns (mean, Cholesky factor).
     """
     n, C, d = means.shape
-    S = eps.shape[-2]
-    cum = torch.cumsum(torch.exp(log_weights), dim=1)
-    cum = cum / cum[:, -1:]
-    pos = (torch.arange(S, device=x.device, dtype=x.dtype) + u0) / S
-    comp = torch.searchsorted(cum.contiguous(), pos.expand(n, S).contiguous())
+    rows = max(1, CHUNK_ELEMENTS // (C * width))
+    out_mean, out_chol = [], []
+    for xb, mb in zip(x.split(rows), means.split(rows)):
+        joint = decoder.log_prob(xb.unsqueeze(1), mb) + standard_normal_log_prob(mb)
+        z0 = mb[torch.arange(mb.shape[0], device=mb.device), joint.argmax(1)]
+        mean, chol = laplace_gaussian(decoder, xb, z0, steps)
+        out_mean.append(mean)
+        out_chol.append(chol * widening)
+    return torch.cat(out_mean), torch.cat(out_chol)
+
+
+#: Blocks of draws of the adaptive importance sampler, as shares of all
+#: draws: the first from the proposal, each later one from a Gaussian fitted
+#: to every draw before it (mixed with the proposal, ``DEFENSIVE_SHARE``).
+ADAPTIVE_BLOCKS = (0.25, 0.25, 0.5)
+#: Share of each adapted block drawn from the original proposal.
+DEFENSIVE_SHARE = 0.2
+#: Standard deviations of the adapted Gaussian: those of the weighted draws
+#: times this.
+ADAPTED_WIDENING = 1.0
+
+
+def adaptive_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0,
+                               return_error=False, blocks=ADAPTIVE_BLOCKS,
+                               defensive=DEFENSIVE_SHARE, widening=ADAPTED_WIDENING,
+                               start=None):
+    """Importance sampling whose proposal adapts to each row's posterior.
+
+    The draws ``eps`` are split into ``blocks``: the first comes from the
+    mixture proposal ``q``; before each later block, every draw so far
+    (weighted against the proposals that produced them) gives the row a
+    full-covariance Gaussian ``g_r`` (their weighted moments, widened), and
+    the block comes from ``(1 - defensive) g_r + defensive q``. All draws are
+    then weighted against the average of the blocks' proposals (the
+    deterministic mixture of adaptive multiple importance sampling).
+    """
+    S, d = eps.shape[-2], means.shape[-1]
     if eps.dim() == 2:
         eps = eps.unsqueeze(0)
-    comp = comp.clamp_(max=C - 1)  # (n, S)
-    idx = comp.unsqueeze(-1).expand(n, S, d)
-    mu = torch.gather(means, 1, idx)
-    std = torch.exp(torch.gather(log_stds, 1, idx))
-    z = mu + std * eps  # (n, S, d)
-    log_q = torch.logsumexp(
-        gaussian_log_prob(
-            z.unsqueeze(2), means.unsqueeze(1), torch.exp(log_stds).unsqueeze(1)
-        )
-        + log_weights.unsqueeze(1),
-        dim=2,
-    )
-    log_w = decoder.log_prob(x.unsqueeze(1), z) + standard_normal_log_prob(z) - log_q
-    lse = torch.logsumexp(log_w, dim=1)
-    estimate = lse - math.log(S)
-    if not return_error:
-        return estimate
-    inv_ess = torch.exp(torch.logsumexp(2 * log_w, dim=1) - 2 * lse)
-    return estimate, torch.sqrt((inv_ess - 1.0 / S).clamp(min=0))
+    n = x.shape[0]
+    sizes = [int(round(b * S)) for b in blocks]
+    sizes[-1] = S - sum(sizes[:-1])
+    x1 = x.unsqueeze(1)
+    prior_cov = mixture_covariance(means, log_stds, log_weights)
+    zs, log_ps, log_qs = [], [], []
+    gaussians = []  # (mean, chol, share of all draws from it)
+    q_share = 0.0
+    offset = 0
+
+    def log_proposal(z, log_q_z, total):
+        """log of the average proposal of the draws so far, at z."""
+        terms = [math.log(q_share / total) + log_q_z]
+        terms += [math.log(c / total) + full_gaussian_log_prob(z, m, L)
+                  for m, L, c in gaussians]
+        return torch.logsumexp(torch.stack(terms), 0)
+
+    for r, size in enumerate(sizes):
+        e = eps[:, offset:offset + size]
+        offset += size
+        n_q = size if r == 0 and start is None else int(round(defensive * size))
+        new_z = []
+        if n_q:
+            z_q, _ = mixture_draws(means, log_stds, log_weights, e[:, :n_q], u0)
+            new_z.append(z_q)
+        if r == 0 and size > n_q:
+            mean, chol = start
+            gaussians.append((mean, chol, size - n_q))
+            new_z.append(mean.unsqueeze(1) + e[:, n_q:].expand(n, -1, -1) @ chol.transpose(1, 2))
+        if r > 0 and size > n_q:
+            total = sum(z.shape[1] for z in zs)
+            z_all = torch.cat(zs, 1)
+            log_w = torch.cat(log_ps, 1) - log_proposal(z_all, torch.cat(log_qs, 1), total)
+            mean, chol = weighted_gaussian(z_all, log_w, prior_cov, float(d))
+            chol = chol * widening
+            gaussians.append((mean, chol, size - n_q))
+            new_z.append(mean.unsqueeze(1) + e[:, n_q:].expand(n, -1, -1) @ chol.transpose(1, 2))
+        q_share += n_q
+        z = torch.cat(new_z, 1)
+        zs.append(z)
+        log_qs.append(_mixture_log_prob(z, means, log_stds, log_weights))
+        log_ps.append(decoder.log_prob(x1, z) + standard_normal_log_prob(z))
+    z_all = torch.cat(zs, 1)
+    log_w = torch.cat(log_ps, 1) - log_proposal(z_all, torch.cat(log_qs, 1), S)
+    return log_mean_weights(log_w, return_error)
 
 
 def importance_chunk_rows(n_draws, n_components_mix, n_latent, width=1, device="cpu"):

@@ -258,7 +258,8 @@ def test_float32_dtype(Estimator, curve_data):
 
 def test_error_estimates_and_their_warning(Estimator, curve_data):
     """The 2-D grid is accurate against a plain fine grid and says how
-    accurate; importance sampling on rows far from the data warns."""
+    accurate; so is importance sampling, and with too few draws its error
+    estimates grow and a warning says so."""
     X, X_test = curve_data
     est = fitted(Estimator, X, n_components=2, max_iter=20)
     assert est._score_method() == "quadrature"
@@ -272,7 +273,11 @@ def test_error_estimates_and_their_warning(Estimator, curve_data):
     est.set_params(score_method="importance")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, err_near = est.score_samples(rows, return_error=True)
+        lp_is, err_is = est.score_samples(rows, return_error=True)
+    assert np.mean(np.abs(lp_is - plain)) < 0.02
+    few = fitted(Estimator, X, n_components=2, max_iter=20, n_eval_samples=16,
+                 score_method="importance")
     with pytest.warns(UserWarning, match="may be off by more than 0.1 nats"):
-        _, err_far = est.score_samples(30 * rows, return_error=True)
-    assert np.median(err_far) > 10 * np.median(err_near)
+        lp_few, err_few = few.score_samples(rows, return_error=True)
+    assert np.median(err_few) > 5 * np.median(err_is)
+    assert np.mean(np.abs(lp_few - plain)) > np.mean(np.abs(lp_is - plain))
