@@ -944,10 +944,11 @@ class BaseDeepDensity(
         estimate, as numpy arrays."""
         method = self._score_method(method)
         # A row whose squared norm overflows the working precision is so far
-        # out that its log-density is -inf; computing it would give inf - inf.
+        # out that its log-density is -inf (exactly: no error); computing it
+        # would give inf - inf.
         ok = torch.isfinite((Xs * Xs).sum(-1))
         lp = torch.full((Xs.shape[0],), -math.inf, dtype=torch.float64)
-        err = torch.full((Xs.shape[0],), math.inf, dtype=torch.float64)
+        err = torch.zeros((Xs.shape[0],), dtype=torch.float64)
         if bool(ok.any()):
             Xk = Xs if bool(ok.all()) else Xs[ok]
             with torch.no_grad():
@@ -957,6 +958,8 @@ class BaseDeepDensity(
                     lp_ok, err_ok = self._log_px_importance(Xk)
             lp[ok.cpu()] = lp_ok.double().cpu()
             err[ok.cpu()] = err_ok.double().cpu()
+        # below the working range, -inf is the answer at this precision
+        err[torch.isneginf(lp)] = 0.0
         return lp.numpy(), err.numpy()
 
     def score_samples(self, X, return_error=False):
