@@ -716,7 +716,9 @@ class BaseDeepDensity(
         sparse = [p for p in stage.sparse_parameters if p.requires_grad]
         lr = self.learning_rate_init
         optimizer = _Optimizers(
-            [torch.optim.Adam(params, lr=lr)]
+            # fused: one kernel for every parameter (about 2x faster per step
+            # than the per-tensor loop on the small default networks)
+            [torch.optim.Adam(params, lr=lr, fused=self.device_.type in ("cpu", "cuda"))]
             + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
         )
         params = params + sparse

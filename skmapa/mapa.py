@@ -17,6 +17,11 @@ from ._networks import GaussianDecoder, build
 from ._scoring import add_prior_component, mixture_importance_log_px
 
 
+#: Codes train with SparseAdam above this many atoms, with dense Adam
+#: (fused with the decoder's parameters) up to it: measured at 150 and 1000
+#: rows, dense Adam was ~10% faster per fit at equal or better held-out KL.
+SPARSE_CODES_MIN_ATOMS = 4096
+
 #: Step budget of the second phase when ``refine_iter='auto'``.
 REFINE_MAX_STEPS = 1000
 
@@ -382,7 +387,10 @@ class MAPADensity(BaseDeepDensity):
         # Sparse gradients for the codes: a step updates the batch's codes
         # only (SparseAdam), O(batch) instead of O(n_atoms). MPS has no sparse
         # tensors: there the codes train with dense Adam, as the decoder does.
-        sparse_codes = self.learn_codes and device.type != "mps"
+        # So do a few atoms, where SparseAdam's bookkeeping costs more than
+        # the dense update.
+        sparse_codes = (self.learn_codes and device.type != "mps"
+                        and n_atoms > SPARSE_CODES_MIN_ATOMS)
 
         def phase1_loss(batch, generator):
             f = decoder(torch.nn.functional.embedding(batch, codes, sparse=sparse_codes))

@@ -83,12 +83,15 @@ def test_regrouped_bound_equals_per_row_bound():
     assert float(value) == pytest.approx(expected, rel=1e-10)
 
 
-def test_phase1_step_touches_only_the_batch_codes():
-    """A phase-1 step costs O(batch), not O(N): the codes' gradient is sparse
-    over the batch's rows, and a training step leaves every other code as it
-    was (lazy Adam; dense Adam would move all N codes at every step)."""
+def test_phase1_step_touches_only_the_batch_codes(monkeypatch):
+    """Above SPARSE_CODES_MIN_ATOMS a phase-1 step costs O(batch), not O(N):
+    the codes' gradient is sparse over the batch's rows, and a training step
+    leaves every other code as it was (lazy Adam; dense Adam would move all
+    N codes at every step). Up to it, the codes train with dense Adam."""
+    from skmapa import mapa
     from skmapa._base import TrainingData, _Optimizers
 
+    monkeypatch.setattr(mapa, "SPARSE_CODES_MIN_ATOMS", 100)
     data = make_spiral(300, random_state=0)
     est = MAPADensity(n_components=1, max_iter=0, refine_iter=0, hidden_layer_sizes=(8,),
                       random_state=0).fit(data.X)
@@ -109,6 +112,11 @@ def test_phase1_step_touches_only_the_batch_codes():
     moved = (codes.detach() != before).any(1)
     assert moved[batch].all()
     assert int(moved.sum()) == 3
+    monkeypatch.setattr(mapa, "SPARSE_CODES_MIN_ATOMS", 300)
+    stage = est._phase1_stage(1, TrainingData(torch.as_tensor(est.X_fit_),
+                                              torch.ones(300, dtype=torch.float64)))
+    assert stage.sparse_parameters == []
+    assert any(p is est.codes_ for p in stage.parameters)
 
 
 def test_match_prior_is_exact_rank_transform_in_1d():
