@@ -10,7 +10,7 @@ from scipy import stats
 
 from skmapa import MAPADensity
 from skmapa import _mapa
-from skmapa.datasets import make_circle, make_figure1, make_spiral
+from skmapa.datasets import make_circle, make_figure1, make_manifold, make_spiral
 
 
 def brute_force_mapa(X, x, k, bandwidth):
@@ -404,3 +404,26 @@ def test_kernel_refit_runs_a_second_first_phase(curve_data, kernel):
         refit = MAPADensity(kernel=kernel, **kw).fit(X)
     assert refit.n_iter_ == 2 * plain.n_iter_
     assert np.all(np.isfinite(refit.score_samples(X[:20])))
+
+
+def test_refine_samples_auto_by_latent_dimension():
+    X = make_spiral(60, random_state=0).X
+    est = MAPADensity(n_components=1, max_iter=1, refine_iter=1, random_state=0).fit(X)
+    assert est.refine_samples_ == 4
+    est = MAPADensity(n_components=3, max_iter=1, refine_iter=1, random_state=0).fit(X)
+    assert est.refine_samples_ == 16
+    est = MAPADensity(n_components=3, max_iter=1, refine_iter=1, refine_samples=2,
+                      random_state=0).fit(X)
+    assert est.refine_samples_ == 2
+
+
+def test_more_refine_samples_shrink_the_noise_of_a_surface():
+    """With a 2-D latent a 4-sample bound with the MAPA proposal is loose and
+    keeps the noise high; 'auto' (16 samples) brings it down towards the
+    truth (0.1)."""
+    X = make_manifold(300, n_latent=2, n_features=6, random_state=0).X
+    params = dict(max_iter=100, refine_iter=200, random_state=0)
+    four = MAPADensity(refine_samples=4, **params).fit(X)
+    auto = MAPADensity(**params).fit(X)
+    assert auto.refine_samples_ == 16
+    assert np.mean(auto.noise_scale_) < 0.85 * np.mean(four.noise_scale_)
