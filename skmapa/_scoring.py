@@ -242,10 +242,8 @@ def laplace_gaussian(decoder, x, z, steps=2):
         better = value > current
         z = torch.where(better.unsqueeze(-1), trial, z)
         current = torch.where(better, value, current)
-    # covariance H^-1 = (L L^T)^-1: its Cholesky factor is (L^-T) up to an
-    # orthogonal factor; L^-T is upper triangular, so take chol(H^-1) directly
-    cov = torch.cholesky_inverse(chol_h)
-    return z, torch.linalg.cholesky(cov)
+    # the lower Cholesky factor of the covariance H^-1
+    return z, torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
 
 
 #: Gauss-Newton steps of the Laplace start of adaptive importance sampling.
@@ -293,13 +291,16 @@ def adaptive_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0
                                start=None):
     """Importance sampling whose proposal adapts to each row's posterior.
 
-    The draws ``eps`` are split into ``blocks``: the first comes from the
-    mixture proposal ``q``; before each later block, every draw so far
-    (weighted against the proposals that produced them) gives the row a
-    full-covariance Gaussian ``g_r`` (their weighted moments, widened), and
-    the block comes from ``(1 - defensive) g_r + defensive q``. All draws are
-    then weighted against the average of the blocks' proposals (the
-    deterministic mixture of adaptive multiple importance sampling).
+    The draws ``eps`` are split into ``blocks``. The first comes from the
+    mixture proposal ``q``, or, given a ``start`` Gaussian ``(mean, chol)``
+    per row (``laplace_start``), from ``(1 - defensive) start + defensive q``.
+    Before each later block, every draw so far (weighted against the
+    proposals that produced them) gives the row a full-covariance Gaussian
+    ``g_r`` (their weighted moments, widened by ``widening``), and the block
+    comes from ``(1 - defensive) g_r + defensive q``. All draws are then
+    weighted against the average of the blocks' proposals (the deterministic
+    mixture of adaptive multiple importance sampling): consistent, with a
+    bias (later proposals depend on earlier draws) far below its error.
     """
     S, d = eps.shape[-2], means.shape[-1]
     if eps.dim() == 2:
@@ -310,38 +311,40 @@ def adaptive_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0
     x1 = x.unsqueeze(1)
     prior_cov = mixture_covariance(means, log_stds, log_weights)
     zs, log_ps, log_qs = [], [], []
-    gaussians = []  # (mean, chol, share of all draws from it)
-    q_share = 0.0
-    offset = 0
+    gaussians = []  # (mean, chol, number of draws from it)
+    n_from_q = 0
 
     def log_proposal(z, log_q_z, total):
         """log of the average proposal of the draws so far, at z."""
-        terms = [math.log(q_share / total) + log_q_z]
+        terms = [math.log(n_from_q / total) + log_q_z] if n_from_q else []
         terms += [math.log(c / total) + full_gaussian_log_prob(z, m, L)
                   for m, L, c in gaussians]
         return torch.logsumexp(torch.stack(terms), 0)
 
-    for r, size in enumerate(sizes):
+    offset = 0
+    for size in sizes:
+        if size == 0:
+            continue
         e = eps[:, offset:offset + size]
         offset += size
-        n_q = size if r == 0 and start is None else int(round(defensive * size))
+        if zs:
+            z_all = torch.cat(zs, 1)
+            log_w = torch.cat(log_ps, 1) - log_proposal(
+                z_all, torch.cat(log_qs, 1), z_all.shape[1])
+            mean, chol = weighted_gaussian(z_all, log_w, prior_cov, float(d))
+            gaussian = (mean, chol * widening)
+        else:
+            gaussian = start
+        n_q = size if gaussian is None else int(round(defensive * size))
         new_z = []
         if n_q:
-            z_q, _ = mixture_draws(means, log_stds, log_weights, e[:, :n_q], u0)
-            new_z.append(z_q)
-        if r == 0 and size > n_q:
-            mean, chol = start
+            new_z.append(mixture_draws(means, log_stds, log_weights, e[:, :n_q], u0)[0])
+        if n_q < size:
+            mean, chol = gaussian
             gaussians.append((mean, chol, size - n_q))
-            new_z.append(mean.unsqueeze(1) + e[:, n_q:].expand(n, -1, -1) @ chol.transpose(1, 2))
-        if r > 0 and size > n_q:
-            total = sum(z.shape[1] for z in zs)
-            z_all = torch.cat(zs, 1)
-            log_w = torch.cat(log_ps, 1) - log_proposal(z_all, torch.cat(log_qs, 1), total)
-            mean, chol = weighted_gaussian(z_all, log_w, prior_cov, float(d))
-            chol = chol * widening
-            gaussians.append((mean, chol, size - n_q))
-            new_z.append(mean.unsqueeze(1) + e[:, n_q:].expand(n, -1, -1) @ chol.transpose(1, 2))
-        q_share += n_q
+            new_z.append(mean.unsqueeze(1)
+                         + e[:, n_q:].expand(n, -1, -1) @ chol.transpose(1, 2))
+        n_from_q += n_q
         z = torch.cat(new_z, 1)
         zs.append(z)
         log_qs.append(_mixture_log_prob(z, means, log_stds, log_weights))

@@ -290,3 +290,17 @@ def test_adaptive_importance_rows_are_independent_and_deterministic():
         x[3:5], dec, *(p[3:5] for p in proposal), eps, 0.3)
     assert torch.allclose(full[3:5], part, atol=1e-12)
     assert torch.equal(full, _scoring.adaptive_importance_log_px(x, dec, *proposal, eps, 0.3))
+
+
+@pytest.mark.parametrize("n_draws", [1, 2, 3, 5])
+def test_adaptive_importance_with_very_few_draws(n_draws):
+    """Blocks that round to no draws are skipped; the estimate stays finite."""
+    dec, W, b, sigma = linear_model(d=2, D=3)
+    x = torch.randn(4, 3)
+    proposal = _poor_proposal(x, W, b, sigma)
+    eps = torch.randn(n_draws, 2, generator=torch.Generator().manual_seed(0))
+    start = _scoring.laplace_start(x, dec, proposal[0], width=3)
+    for kw in ({}, {"start": start}):
+        lp, se = _scoring.adaptive_importance_log_px(x, dec, *proposal, eps, 0.5,
+                                                     return_error=True, **kw)
+        assert torch.all(torch.isfinite(lp)) and torch.all(se >= 0)
