@@ -220,7 +220,9 @@ _COMMON_PARAMETERS = """
         chosen from the decoder's slope) and importance sampling otherwise;
         quadrature refuses ``n_components > 2``.
     n_eval_samples : int, default=1024
-        Importance-sampling draws per row in ``score_samples``.
+        Importance-sampling draws per row in ``score_samples`` (adaptive
+        importance sampling: a Laplace start and Gaussians refitted to the
+        weighted draws, see the user guide's scoring page).
     random_state : int, RandomState instance or None, default=None
         Seeds network initialisation, minibatches, training noise and the
         fixed base draws of ``score_samples``. An int makes ``fit``
