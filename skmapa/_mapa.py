@@ -54,6 +54,27 @@ def kneighbors(index, X, n_neighbors):
     return dist, idx
 
 
+def kneighbors_without_self(index, X, n_neighbors):
+    """The ``n_neighbors`` nearest training rows of each training row, itself left out.
+
+    ``X`` are the rows the index was fitted on, in the same order. One more
+    neighbour is queried and the row's own index dropped; where the row is
+    not among them (more exact duplicates than neighbours, ties broken
+    against it) the farthest one is dropped instead, so every row keeps
+    ``min(n_neighbors, n - 1)`` neighbours, none of them itself (a duplicate
+    of it, at distance 0, may stay).
+    """
+    n = X.shape[0]
+    k = min(int(n_neighbors), n - 1)
+    if k < 1:
+        raise ValueError("leaving each row out needs at least two rows")
+    dist, idx = index.kneighbors(X, n_neighbors=k + 1)
+    drop = idx == np.arange(n)[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    keep = ~drop
+    return dist[keep].reshape(n, k), idx[keep].reshape(n, k)
+
+
 def auto_bandwidth(distances, self_included=True):
     """Mean distance to the k nearest neighbours, the zero self-distance excluded.
 

@@ -406,6 +406,85 @@ def test_kernel_refit_runs_a_second_first_phase(curve_data, kernel):
     assert np.all(np.isfinite(refit.score_samples(X[:20])))
 
 
+def test_kneighbors_without_self_drops_the_row_itself_even_among_duplicates():
+    """The row's own index is dropped, not the first column: with exact
+    duplicates the tree may list a copy first, or (more copies than
+    neighbours) not list the row at all; then the farthest one goes."""
+    rng = np.random.RandomState(0)
+    base = rng.randn(30, 3)
+    X = np.r_[base, base[:5], base[:5], base[:2], base[:2], base[:2], base[:2]]
+    n, k = X.shape[0], 3
+    dist, idx = _mapa.kneighbors_without_self(_mapa.fit_neighbors(X), X, k)
+    assert idx.shape == dist.shape == (n, k)
+    assert not np.any(idx == np.arange(n)[:, None])
+    assert np.all(np.diff(dist, axis=1) >= 0)
+    # the rows with 2 copies keep their copy (distance 0) and two true neighbours
+    full_d, full_i = _mapa.kneighbors(_mapa.fit_neighbors(X), X, k + 1)
+    for i in range(n):
+        expected = sorted(d for d, j in zip(full_d[i], full_i[i]) if j != i)[:k]
+        np.testing.assert_allclose(np.sort(dist[i]), expected)
+    # the rows with 6 copies: all neighbours are other copies
+    for i in [0, 1]:
+        np.testing.assert_array_equal(dist[i], 0.0)
+        assert np.all((X[idx[i]] == X[i]).all(1))
+    # fewer rows than neighbours + 1: every other row
+    d2, i2 = _mapa.kneighbors_without_self(_mapa.fit_neighbors(X[:4]), X[:4], 10)
+    assert i2.shape == (4, 3)
+    assert not np.any(i2 == np.arange(4)[:, None])
+
+
+def test_kernel_auto_by_latent_dimension():
+    """'auto': 'global' with one latent dimension (one phase 1), the noise
+    refit with two (phase 1 twice)."""
+    X = make_spiral(80, random_state=0).X
+    kw = dict(max_iter=2, refine_iter=0, tol=0, random_state=0)
+    est = MAPADensity(n_components=1, **kw).fit(X)
+    assert est.kernel == "auto" and est.kernel_ == "global"
+    assert est.n_iter_ == 2
+    est = MAPADensity(n_components=2, **kw).fit(X)
+    assert est.kernel_ == "noise"
+    assert est.n_iter_ == 4
+    est = MAPADensity(n_components=2, kernel="global", **kw).fit(X)
+    assert est.kernel_ == "global" and est.n_iter_ == 2
+
+
+def test_noise_refit_leaves_each_row_out_of_its_own_weights():
+    """After the noise refit no training row's MAPA weights include its own
+    atom, every row keeps n_neighbors_ neighbours, and a duplicated row
+    may weight its copy."""
+    X = make_spiral(60, random_state=0).X
+    X = np.r_[X, X[:10], X[:3], X[:3]]
+
+    class Spy(MAPADensity):
+        def _refit_kernel(self):
+            super()._refit_kernel()
+            self.spy_stats_ = self._train_stats
+
+    est = Spy(n_components=2, n_neighbors=5, max_iter=2, refine_iter=0, tol=0,
+              random_state=0).fit(X)
+    idx, log_q, _ = est.spy_stats_
+    n = est.X_fit_.shape[0]
+    assert idx.shape == log_q.shape == (n, est.n_neighbors_)
+    assert not np.any(idx == np.arange(n)[:, None])
+    np.testing.assert_allclose(np.exp(log_q).sum(1), 1.0)
+    # rows 0-2 appear four times: their three copies share most of the weight
+    copies = (est.X_fit_[idx[0]] == est.X_fit_[0]).all(1)
+    assert copies.sum() == 3 and np.exp(log_q[0][copies]).sum() > 0.5
+
+
+def test_kernel_auto_with_one_latent_dimension_is_global_exactly():
+    X = make_spiral(150, random_state=0).X
+    kw = dict(n_components=1, max_iter=3, refine_iter=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = MAPADensity(kernel="auto", **kw).fit(X)
+        glob = MAPADensity(kernel="global", **kw).fit(X)
+    assert auto.kernel_ == glob.kernel_ == "global"
+    torch.testing.assert_close(auto.codes_, glob.codes_, rtol=0, atol=0)
+    np.testing.assert_array_equal(auto.noise_scale_, glob.noise_scale_)
+    np.testing.assert_array_equal(auto.score_samples(X[:40]), glob.score_samples(X[:40]))
+
+
 def test_refine_samples_auto_by_latent_dimension():
     X = make_spiral(60, random_state=0).X
     est = MAPADensity(n_components=1, max_iter=1, refine_iter=1, random_state=0).fit(X)
