@@ -99,7 +99,7 @@ class MAPADensity(BaseDeepDensity):
         with the 'auto' bandwidth there. New rows keep the a-priori
         ``bandwidth_``. 'auto' is 'global' with ``n_components=1`` and
         'noise' with more latent dimensions, where it lowered the held-out
-        KL on 2-D surfaces by 30-50 %; the value used is ``kernel_``. See
+        KL on 2-D surfaces by 34-47 %; the value used is ``kernel_``. See
         :ref:`mapa_formulation`.
     perplexity : float, default=10.0
         Target effective number of neighbours with ``kernel='perplexity'``

@@ -57,7 +57,9 @@ def Estimator(request):
 
 def single_stage(Estimator):
     """Parameters that leave one training stage, so epochs can be counted."""
-    return {"refine_iter": 0} if Estimator is MAPADensity else {}
+    # MAPA: no second phase, and no kernel refit (a second phase 1 with
+    # kernel='auto' and n_components >= 2)
+    return {"refine_iter": 0, "kernel": "global"} if Estimator is MAPADensity else {}
 
 
 def fitted(Estimator, X, **params):
