@@ -91,8 +91,10 @@ def inject(monkeypatch, cls, fault=None, validation=None):
     log = []
 
     def stages(self, data):
-        out = original(self, data)
-        for stage in out:
+        # lazily, stage by stage: a stage may be built from what the ones
+        # before it trained (MAPA's kernel refit), so the original may be a
+        # generator
+        for stage in original(self, data):
             batch_loss = stage.batch_loss
 
             def wrapped(idx, generator, batch_loss=batch_loss, stage=stage):
@@ -111,7 +113,7 @@ def inject(monkeypatch, cls, fault=None, validation=None):
                     return validation(len(calls), self)
 
                 stage.validation_loss = wrapped_validation
-        return out
+            yield stage
 
     monkeypatch.setattr(cls, "_training_stages", stages)
     return log
@@ -160,7 +162,9 @@ def test_non_finite_step_restores_the_epoch_and_halves_the_step(
     assert not same_state(first[bad - 1], epoch_start)
     assert "non-finite loss: restored, lr=0.0005" in capsys.readouterr().out
     # the failed attempt is not an epoch, and no NaN is recorded or returned
-    assert est.n_iter_ == 3 + sum(
+    # (MAPA's kernel refit runs the max_iter stage twice)
+    max_iter_stages = 2 if getattr(est, "kernel_", None) in ("noise", "denoised") else 1
+    assert est.n_iter_ == 3 * max_iter_stages + sum(
         getattr(est, p) for p in est.get_params() if p.endswith("_iter") and p != "max_iter"
     )
     assert np.all(np.isfinite(est.loss_curve_))
