@@ -104,11 +104,12 @@ def mixture_draws(means, log_stds, log_weights, eps, u0):
     mu = torch.gather(means, 1, idx)
     std = torch.exp(torch.gather(log_stds, 1, idx))
     z = mu + std * eps  # (n, S, d)
-    return z, _mixture_log_prob(z, means, log_stds, log_weights)
+    return z, draws_mixture_log_prob(z, means, log_stds, log_weights)
 
 
-def _mixture_log_prob(z, means, log_stds, log_weights):
-    """``mixture_log_prob`` of draws ``z`` (n, S, d): shape (n, S)."""
+def draws_mixture_log_prob(z, means, log_stds, log_weights):
+    """``mixture_log_prob`` of each row's draws ``z`` (n, S, d) under its
+    mixture ``means, log_stds`` (n, C, d), ``log_weights`` (n, C): (n, S)."""
     return mixture_log_prob(z.transpose(0, 1), means, log_stds, log_weights).transpose(0, 1)
 
 
@@ -347,7 +348,7 @@ def adaptive_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0
         n_from_q += n_q
         z = torch.cat(new_z, 1)
         zs.append(z)
-        log_qs.append(_mixture_log_prob(z, means, log_stds, log_weights))
+        log_qs.append(draws_mixture_log_prob(z, means, log_stds, log_weights))
         log_ps.append(decoder.log_prob(x1, z) + standard_normal_log_prob(z))
     z_all = torch.cat(zs, 1)
     log_w = torch.cat(log_ps, 1) - log_proposal(z_all, torch.cat(log_qs, 1), S)

@@ -64,7 +64,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _mapa
 from ._networks import MLP, gaussian_log_prob, standard_normal_log_prob
-from ._scoring import add_prior_component
+from ._scoring import add_prior_component, draws_mixture_log_prob, mixture_draws
 from ._utils import torch_generator
 from .datasets import DATASETS
 
@@ -416,14 +416,6 @@ def _own_q(estimator, Xs):
     return estimator._proposal(Xs)
 
 
-def _mixture_log_density(z, means, log_stds, log_w):
-    """log sum_c w_c N(z; mu_c, diag(s_c^2)) for z (n, S, d) and mixtures (n, C, d)."""
-    lp = gaussian_log_prob(
-        z.unsqueeze(2), means.unsqueeze(1), torch.exp(log_stds).unsqueeze(1)
-    )
-    return torch.logsumexp(lp + log_w.unsqueeze(1), dim=2)
-
-
 def _tensor(estimator, a):
     a = torch.as_tensor(np.asarray(a, dtype=np.float64), device=estimator.device_)
     return a.to(estimator._torch_dtype)
@@ -440,7 +432,7 @@ def _estimator_log_q(estimator, xq, points):
         for start in range(0, xq.shape[0], rows):
             sl = slice(start, start + rows)
             means, log_stds, log_w = _own_q(estimator, Xs[sl])
-            lq = _mixture_log_density(_tensor(estimator, points[sl]), means, log_stds,
+            lq = draws_mixture_log_prob(_tensor(estimator, points[sl]), means, log_stds,
                                       log_w)
             out.append(lq.double().cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, points.shape[1]))
@@ -812,25 +804,12 @@ def _draw(shape, generator, like, kind="normal"):
 
 
 def _mixture_log_weights(decoder, x, means, log_stds, log_w, eps, u0):
-    """log p(x, z_s) - log q(z_s) for stratified draws z_s of a Gaussian mixture.
-
-    Draw ``s`` of a row goes to the component whose cumulative weight interval
-    holds ``(s + u0) / S`` (systematic allocation), so the mean of the
-    returned values is an unbiased (stratified) estimate of the ELBO and
-    their log-mean-exp one of log p(x).
+    """log p(x, z_s) - log q(z_s) for stratified draws z_s of a Gaussian mixture
+    (``_scoring.mixture_draws``: systematic allocation of the draws to the
+    components), so the mean of the returned values is an unbiased
+    (stratified) estimate of the ELBO and their log-mean-exp one of log p(x).
     """
-    n, C, d = means.shape
-    S = eps.shape[1]
-    if C == 1:
-        comp = torch.zeros((n, S), dtype=torch.long, device=x.device)
-    else:
-        cum = torch.cumsum(torch.exp(log_w), dim=1)
-        cum = cum / cum[:, -1:]
-        pos = (torch.arange(S, device=x.device, dtype=x.dtype) + u0) / S
-        comp = torch.searchsorted(cum.contiguous(), pos.contiguous()).clamp_(max=C - 1)
-    idx = comp.unsqueeze(-1).expand(n, S, d)
-    z = torch.gather(means, 1, idx) + torch.exp(torch.gather(log_stds, 1, idx)) * eps
-    log_q = _mixture_log_density(z, means, log_stds, log_w)
+    z, log_q = mixture_draws(means, log_stds, log_w, eps, u0)
     return decoder.log_prob(x.unsqueeze(1), z) + standard_normal_log_prob(z) - log_q
 
 
