@@ -314,11 +314,20 @@ class MAPADensity(BaseDeepDensity):
             for name, c in candidates.items()
         }
         self.init_scores_ = None
+        self._trial_state = None
         if len(candidates) > 1 and self._trial_steps() > 0:
             best = self._best_initialisation(candidates, w, generator)
         else:
             best = next(iter(candidates))
         self._start_from(candidates[best], w, linear=codes is None)
+        if self._trial_state is not None and self._trial_state[0] == best:
+            # with a step budget, phase 1 goes on from the winner's trial run
+            # (its steps count towards the budget) instead of repeating it
+            _, decoder_state, trained_codes = self._trial_state
+            self.decoder_.load_state_dict(decoder_state)
+            self.codes_ = trained_codes
+        else:
+            self._trial_state = None
 
     def _graph_candidates(self, X, idx, log_q, labels, w, rng):
         """Candidate codes from the MAPA graph: its spectral embedding (and, for
@@ -382,6 +391,12 @@ class MAPADensity(BaseDeepDensity):
                 self._run_stage(stage, generator)
             scores[name] = (float(np.mean(self.loss_curve_[-3:])) if self.loss_curve_
                             else 0.0)
+            if self.max_iter == "auto" and scores[name] <= min(scores.values()):
+                self._trial_state = (
+                    name,
+                    {k: v.detach().clone() for k, v in self.decoder_.state_dict().items()},
+                    self.codes_.detach().clone(),
+                )
         self.loss_curve_, self.n_iter_, self.validation_scores_ = saved
         self.decoder_.load_state_dict(decoder_init)
         self.init_scores_ = scores
@@ -462,13 +477,19 @@ class MAPADensity(BaseDeepDensity):
     def _training_stages(self, data):
         if self.kernel_ in ("noise", "denoised"):
             return self._stages_with_kernel_refit(data)
-        stages = [self._phase1_stage(self.max_iter, data)]
+        stages = [self._phase1_stage(self.max_iter, data, max_steps=self._phase1_steps())]
         return stages + self._last_stages(data)
+
+    def _phase1_steps(self):
+        """Step budget of the first phase 1 with ``max_iter='auto'``: what the
+        winning candidate's trial run left of ``AUTO_MAX_STEPS``."""
+        state = self.__dict__.pop("_trial_state", None)
+        return AUTO_MAX_STEPS - (self._trial_steps() if state is not None else 0)
 
     def _stages_with_kernel_refit(self, data):
         """Phase 1, the kernel refit, phase 1 again, phase 2: a generator,
         since the refit needs the model that the first phase has trained."""
-        yield self._phase1_stage(self.max_iter, data)
+        yield self._phase1_stage(self.max_iter, data, max_steps=self._phase1_steps())
         self._refit_kernel()
         yield self._phase1_stage(self.max_iter, data, name="mapa-rekernel")
         yield from self._last_stages(data)
@@ -597,6 +618,7 @@ class MAPADensity(BaseDeepDensity):
         if isinstance(self.codes_, torch.nn.Parameter):
             self.codes_ = self.codes_.detach()
         self.__dict__.pop("_rng", None)
+        self.__dict__.pop("_trial_state", None)
         self._update_atom_scales()
         super()._finish_fit(counts_before, generator)
 

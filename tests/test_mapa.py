@@ -506,3 +506,43 @@ def test_more_refine_samples_shrink_the_noise_of_a_surface():
     auto = MAPADensity(**params).fit(X)
     assert auto.refine_samples_ == 16
     assert np.mean(auto.noise_scale_) < 0.85 * np.mean(four.noise_scale_)
+
+
+def test_phase1_goes_on_from_the_winning_trial(monkeypatch):
+    # with a step budget, phase 1 starts where the winning candidate's trial
+    # run ended and that trial's steps count towards the phase-1 budget
+    import skmapa.mapa as mapa_module
+
+    monkeypatch.setattr(_mapa, "INIT_TRIAL_STEPS", 100)
+    monkeypatch.setattr(mapa_module, "AUTO_MAX_STEPS", 300)
+    run_stage = MAPADensity._run_stage
+    seen = {}
+
+    def spy(self, stage, generator, monitor=True):
+        if stage.name == "mapa":
+            seen["start"] = (self.codes_.detach().clone(),
+                             {k: v.clone() for k, v in self.decoder_.state_dict().items()})
+        out = run_stage(self, stage, generator, monitor)
+        if stage.name.startswith("mapa-init"):
+            seen[stage.name] = (self.codes_.detach().clone(),
+                                {k: v.clone() for k, v in self.decoder_.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(MAPADensity, "_run_stage", spy)
+    X = make_spiral(400, random_state=0).X
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = MAPADensity(n_components=1, refine_iter=0, n_iter_no_change=10**6,
+                          random_state=0).fit(X)
+    n_candidates = len(est.init_scores_)
+    assert n_candidates == 3
+    assert est.n_steps_ == n_candidates * 100 + (300 - 100)
+    best = min(est.init_scores_, key=est.init_scores_.get)
+    codes, state = seen[f"mapa-init[{best}]"]
+    start_codes, start_state = seen["start"]
+    torch.testing.assert_close(start_codes, codes, rtol=0, atol=0)
+    for name, value in state.items():
+        torch.testing.assert_close(start_state[name], value, rtol=0, atol=0)
+    # a loser's trial is not where phase 1 starts
+    other = next(name for name in est.init_scores_ if name != best)
+    assert not torch.equal(seen[f"mapa-init[{other}]"][0], start_codes)
