@@ -360,10 +360,13 @@ class MAPADensity(BaseDeepDensity):
             self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
 
     def _trial_steps(self):
-        """Steps of each candidate's trial run: ``INIT_TRIAL_STEPS``, at most
-        the phase-1 budget (none with ``max_iter=0``)."""
+        """Steps of each candidate's trial run: with a step budget,
+        ``INIT_TRIAL_STEPS`` for one latent dimension and the whole first
+        phase (``AUTO_MAX_STEPS``, ended by convergence) for more; with an
+        epoch budget, at most ``INIT_TRIAL_STEPS`` and the budget (none with
+        ``max_iter=0``)."""
         if self.max_iter == "auto":
-            return _mapa.INIT_TRIAL_STEPS
+            return _mapa.INIT_TRIAL_STEPS if self.n_components == 1 else AUTO_MAX_STEPS
         n_atoms = self.X_fit_.shape[0]
         return min(_mapa.INIT_TRIAL_STEPS,
                    self.max_iter * -(-n_atoms // self._batch_size(n_atoms)))
@@ -475,21 +478,25 @@ class MAPADensity(BaseDeepDensity):
         )
 
     def _training_stages(self, data):
+        stages = self._first_phase1(data)
         if self.kernel_ in ("noise", "denoised"):
-            return self._stages_with_kernel_refit(data)
-        stages = [self._phase1_stage(self.max_iter, data, max_steps=self._phase1_steps())]
+            return self._stages_with_kernel_refit(stages, data)
         return stages + self._last_stages(data)
 
-    def _phase1_steps(self):
-        """Step budget of the first phase 1 with ``max_iter='auto'``: what the
-        winning candidate's trial run left of ``AUTO_MAX_STEPS``."""
+    def _first_phase1(self, data):
+        """The first phase-1 stage, as a list. With a step budget it goes on
+        from the winning candidate's trial run, whose steps count towards
+        ``AUTO_MAX_STEPS``; none when that run used the whole budget."""
         state = self.__dict__.pop("_trial_state", None)
-        return AUTO_MAX_STEPS - (self._trial_steps() if state is not None else 0)
+        steps = AUTO_MAX_STEPS - (self._trial_steps() if state is not None else 0)
+        if self.max_iter == "auto" and steps <= 0:
+            return []
+        return [self._phase1_stage(self.max_iter, data, max_steps=steps)]
 
-    def _stages_with_kernel_refit(self, data):
+    def _stages_with_kernel_refit(self, first, data):
         """Phase 1, the kernel refit, phase 1 again, phase 2: a generator,
         since the refit needs the model that the first phase has trained."""
-        yield self._phase1_stage(self.max_iter, data, max_steps=self._phase1_steps())
+        yield from first
         self._refit_kernel()
         yield self._phase1_stage(self.max_iter, data, name="mapa-rekernel")
         yield from self._last_stages(data)

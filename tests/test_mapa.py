@@ -546,3 +546,29 @@ def test_phase1_goes_on_from_the_winning_trial(monkeypatch):
     # a loser's trial is not where phase 1 starts
     other = next(name for name in est.init_scores_ if name != best)
     assert not torch.equal(seen[f"mapa-init[{other}]"][0], start_codes)
+
+
+def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(monkeypatch):
+    # the bound after a short trial favours the PCA start (its linear decoder
+    # fits at once) where the spectral codes end far better (swiss roll):
+    # with n_components >= 2 every candidate runs the whole first phase, and
+    # the winner's run is that phase
+    import skmapa.mapa as mapa_module
+
+    monkeypatch.setattr(mapa_module, "AUTO_MAX_STEPS", 300)
+    stages = []
+    run_stage = MAPADensity._run_stage
+
+    def spy(self, stage, generator, monitor=True):
+        stages.append(stage.name)
+        return run_stage(self, stage, generator, monitor)
+
+    monkeypatch.setattr(MAPADensity, "_run_stage", spy)
+    X = make_manifold(300, n_latent=2, n_features=3, random_state=0).X
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = MAPADensity(n_components=2, refine_iter=0, n_iter_no_change=10**6,
+                          random_state=0).fit(X)
+    assert set(est.init_scores_) == {"spectral", "pca"}
+    assert stages == ["mapa-init[spectral]", "mapa-init[pca]", "mapa-rekernel"]
+    assert est.n_steps_ == 3 * 300
