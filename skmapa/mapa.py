@@ -314,20 +314,19 @@ class MAPADensity(BaseDeepDensity):
             for name, c in candidates.items()
         }
         self.init_scores_ = None
-        self._trial_state = None
+        trained = None
         if len(candidates) > 1 and self._trial_steps() > 0:
-            best = self._best_initialisation(candidates, w, generator)
+            best, trained = self._best_initialisation(candidates, w, generator)
         else:
             best = next(iter(candidates))
         self._start_from(candidates[best], w, linear=codes is None)
-        if self._trial_state is not None and self._trial_state[0] == best:
-            # with a step budget, phase 1 goes on from the winner's trial run
-            # (its steps count towards the budget) instead of repeating it
-            _, decoder_state, trained_codes = self._trial_state
+        # phase-1 steps already taken: with a step budget, phase 1 goes on
+        # from the winner's trial run instead of repeating it
+        self._phase1_steps_done = 0
+        if trained is not None:
+            decoder_state, self.codes_ = trained
             self.decoder_.load_state_dict(decoder_state)
-            self.codes_ = trained_codes
-        else:
-            self._trial_state = None
+            self._phase1_steps_done = self._trial_steps()
 
     def _graph_candidates(self, X, idx, log_q, labels, w, rng):
         """Candidate codes from the MAPA graph: its spectral embedding (and, for
@@ -372,10 +371,12 @@ class MAPADensity(BaseDeepDensity):
                    self.max_iter * -(-n_atoms // self._batch_size(n_atoms)))
 
     def _best_initialisation(self, candidates, w, generator):
-        """The name of the candidate codes whose short phase-1 run reaches the best bound.
+        """The name of the candidate codes whose phase-1 run reaches the best
+        bound, and (with a step budget) the decoder state and codes that run
+        ended with, else None.
 
-        Model-agnostic (the MAPA bound itself decides) and cheap: each trial is
-        ``INIT_TRIAL_STEPS`` optimizer steps from the same decoder
+        Model-agnostic (the MAPA bound itself decides): each trial is
+        ``_trial_steps()`` optimizer steps from the same decoder
         initialisation (plus, with ``init='pca'``, the candidate's linear
         start); the trials' decoder passes count in ``n_row_passes_``.
         """
@@ -383,6 +384,7 @@ class MAPADensity(BaseDeepDensity):
         saved = (self.loss_curve_, self.n_iter_, self.validation_scores_)
         trial_steps = self._trial_steps()
         scores = {}
+        best_score, trained = np.inf, None
         for name, codes in candidates.items():
             self.decoder_.load_state_dict(decoder_init)
             self._start_from(codes, w, linear=True)
@@ -394,8 +396,8 @@ class MAPADensity(BaseDeepDensity):
                 self._run_stage(stage, generator)
             scores[name] = (float(np.mean(self.loss_curve_[-3:])) if self.loss_curve_
                             else 0.0)
-            if self.max_iter == "auto" and scores[name] <= min(scores.values()):
-                self._trial_state = (
+            if self.max_iter == "auto" and scores[name] < best_score:
+                best_score, trained = scores[name], (
                     name,
                     {k: v.detach().clone() for k, v in self.decoder_.state_dict().items()},
                     self.codes_.detach().clone(),
@@ -406,7 +408,7 @@ class MAPADensity(BaseDeepDensity):
         best = min(scores, key=scores.get)
         self._progress("a priori: candidate bounds " + ", ".join(
             f"{name} {value:.4f}" for name, value in scores.items()) + f"; keeping {best}")
-        return best
+        return best, (trained[1:] if trained is not None and trained[0] == best else None)
 
     def _neighbour_proposal(self, Xs):
         """MAPA over each row's neighbours: (idx tensor, log q tensor)."""
@@ -487,8 +489,7 @@ class MAPADensity(BaseDeepDensity):
         """The first phase-1 stage, as a list. With a step budget it goes on
         from the winning candidate's trial run, whose steps count towards
         ``AUTO_MAX_STEPS``; none when that run used the whole budget."""
-        state = self.__dict__.pop("_trial_state", None)
-        steps = AUTO_MAX_STEPS - (self._trial_steps() if state is not None else 0)
+        steps = AUTO_MAX_STEPS - self.__dict__.pop("_phase1_steps_done", 0)
         if self.max_iter == "auto" and steps <= 0:
             return []
         return [self._phase1_stage(self.max_iter, data, max_steps=steps)]
@@ -625,7 +626,7 @@ class MAPADensity(BaseDeepDensity):
         if isinstance(self.codes_, torch.nn.Parameter):
             self.codes_ = self.codes_.detach()
         self.__dict__.pop("_rng", None)
-        self.__dict__.pop("_trial_state", None)
+        self.__dict__.pop("_phase1_steps_done", None)
         self._update_atom_scales()
         super()._finish_fit(counts_before, generator)
 
