@@ -121,8 +121,10 @@ class MAPADensity(BaseDeepDensity):
         Importance samples per row of the second phase (``refine_samples``
         resolved).
     init_scores_ : dict or None
-        The negative MAPA bound reached by a short phase-1 run from each
-        candidate initialisation of the codes, by name: 'spectral' (spectral
+        The negative MAPA bound reached by a trial phase-1 run from each
+        candidate initialisation of the codes (with ``max_iter='auto'``: 400
+        steps with ``n_components=1``, the whole first phase with more), by
+        name: 'spectral' (spectral
         embedding of the MAPA graph), 'angle' (``n_components=1``: angle of
         the 2-D spectral embedding) and 'pca' (``init='auto'`` or 'pca':
         principal components); on a disconnected neighbour graph
@@ -233,11 +235,15 @@ class MAPADensity(BaseDeepDensity):
     def _train_draws(self):
         return self._refine_samples()
 
+    def _by_latent_dimension(self, table):
+        """The entry of ``table`` for ``n_components`` (beyond its end: the last)."""
+        return table[min(self.n_components, len(table)) - 1]
+
     def _refine_samples(self):
         """``refine_samples`` resolved: 'auto' by ``REFINE_SAMPLES_AUTO``."""
         if self.refine_samples != "auto":
             return int(self.refine_samples)
-        return REFINE_SAMPLES_AUTO[min(self.n_components, len(REFINE_SAMPLES_AUTO)) - 1]
+        return self._by_latent_dimension(REFINE_SAMPLES_AUTO)
 
     # ------------------------------------------------------------------
     # the a-priori part: neighbours, weights, statistics, codes
@@ -246,7 +252,7 @@ class MAPADensity(BaseDeepDensity):
         """``kernel`` resolved: 'auto' by latent dimension (``KERNEL_AUTO``)."""
         if self.kernel != "auto":
             return self.kernel
-        return KERNEL_AUTO[min(self.n_components, len(KERNEL_AUTO)) - 1]
+        return self._by_latent_dimension(KERNEL_AUTO)
 
     def _network_specs(self, n_features):
         sizes = tuple(int(s) for s in self.hidden_layer_sizes)
@@ -520,13 +526,14 @@ class MAPADensity(BaseDeepDensity):
             else:
                 # the decoder means of the codes: the rows without their noise
                 Y = self.decoder_.mean_function(self.codes_.detach()).double().cpu().numpy()
+        index = _mapa.fit_neighbors(Y)
         if self.kernel_ == "noise" and X.shape[0] > 1:
             # each row left out of its own weights: its distance to its own
             # atom is 0, while its distances to the others carry two rows'
             # noise, so the row itself would take too large a share
-            dist, idx = _mapa.kneighbors_without_self(_mapa.fit_neighbors(Y), Y, k)
+            dist, idx = _mapa.kneighbors_without_self(index, Y, k)
         else:
-            dist, idx = _mapa.kneighbors(_mapa.fit_neighbors(Y), Y, k)
+            dist, idx = _mapa.kneighbors(index, Y, k)
         bandwidth = math.sqrt(2.0) if self.kernel_ == "noise" else _mapa.auto_bandwidth(dist)
         log_q = _mapa.mapa_log_weights(dist, idx, bandwidth, self.atom_log_prior_)
         ent = np.exp(-(np.exp(log_q) * log_q).sum(1))
