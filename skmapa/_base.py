@@ -96,7 +96,8 @@ class _Optimizers:
 
     def step(self):
         for opt in self.optimizers:
-            opt.step()
+            if not _fused_adam_step(opt):
+                opt.step()
 
     def state_dict(self):
         return [opt.state_dict() for opt in self.optimizers]
@@ -104,6 +105,62 @@ class _Optimizers:
     def load_state_dict(self, states):
         for opt, state in zip(self.optimizers, states):
             opt.load_state_dict(state)
+
+
+def _fused_adam_step(opt):
+    """One step of a fused ``torch.optim.Adam``, straight to its kernel.
+
+    ``Adam.step`` spends most of a small model's step on bookkeeping around
+    the one fused kernel (profiler scope, hooks, per-call grouping of the
+    tensors by device and dtype): 80 us against 15 us for the kernel on the
+    default networks, a tenth of a 150-row fit. Here the kernel is called
+    with exactly the arguments ``step`` would pass it, so the result is the
+    same bit for bit (tested). Returns False, and does nothing, where that
+    shortcut does not apply (not a fused Adam, a first step that creates the
+    state, a parameter without a gradient, a non-default option); the caller
+    then calls ``opt.step()``.
+    """
+    if not (_FUSED_ADAM and isinstance(opt, torch.optim.Adam) and len(opt.param_groups) == 1):
+        return False
+    group = opt.param_groups[0]
+    if not group["fused"] or group["amsgrad"] or group["maximize"] or group[
+            "differentiable"] or group["capturable"] or group["weight_decay"] != 0:
+        return False
+    params = group["params"]
+    states = [opt.state.get(p) for p in params]
+    if not all(states) or any(p.grad is None or p.grad.is_sparse for p in params):
+        return False
+    if len({(p.device, p.dtype) for p in params}) != 1:
+        return False
+    steps = [s["step"] for s in states]
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(
+        params, [p.grad for p in params], [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
+        lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
+        maximize=False, grad_scale=None, found_inf=None,
+    )
+    return True
+
+
+_FUSED_ADAM = hasattr(torch, "_fused_adam_")
+
+
+def _clone(state):
+    """A deep copy of a (module or optimizer) state dict whose tensors are
+    cloned directly: a fifth of ``copy.deepcopy``'s time, which a fit pays
+    once per round of steps."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        out = type(state)((key, _clone(value)) for key, value in state.items())
+        if hasattr(state, "_metadata"):
+            out._metadata = copy.deepcopy(state._metadata)
+        return out
+    if isinstance(state, (list, tuple)):
+        return type(state)(_clone(value) for value in state)
+    return copy.deepcopy(state)
 
 
 def clip_grad_norm(params, max_norm):
@@ -638,15 +695,13 @@ class BaseDeepDensity(
                 setattr(self, name, value.to(device=self.device_, dtype=self._torch_dtype))
 
     def _snapshot(self, optimizer):
-        state = {
-            name: copy.deepcopy(m.state_dict()) for name, m in self._networks().items()
-        }
+        state = {name: _clone(m.state_dict()) for name, m in self._networks().items()}
         tensors = {
             name: value.detach().clone()
             for name, value in vars(self).items()
             if name.endswith("_") and isinstance(value, torch.Tensor)
         }
-        opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+        opt = _clone(optimizer.state_dict()) if optimizer is not None else None
         return state, tensors, opt
 
     def _restore(self, snapshot, optimizer=None):

@@ -243,6 +243,80 @@ def test_gradients_are_clipped(Estimator, X, monkeypatch):
     assert all(after <= _base.MAX_GRAD_NORM * (1 + 1e-6) for _, _, after in norms)
 
 
+def _small_parameters():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    return list(module.parameters())
+
+
+def test_the_fused_adam_shortcut_steps_exactly_as_adam_step():
+    a, b = _small_parameters(), _small_parameters()
+    reference = torch.optim.Adam(a, lr=0.01, fused=True)
+    fast = _base._Optimizers([torch.optim.Adam(b, lr=0.01, fused=True)])
+    shortcut = []
+    gen = torch.Generator().manual_seed(1)
+    for step in range(25):
+        if step == 10:
+            # a lowered learning rate (the recovery after a non-finite loss)
+            for group in reference.param_groups + fast.param_groups:
+                group["lr"] = 0.003
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        reference.step()
+        shortcut.append(_base._fused_adam_step(fast.optimizers[0]))
+        if not shortcut[-1]:
+            fast.optimizers[0].step()
+    # the first step creates Adam's state through Adam.step; every later one
+    # goes straight to the kernel
+    assert shortcut == [False] + [True] * 24
+    opt = fast.optimizers[0]
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(reference.state[p][key], opt.state[q][key])
+
+
+def test_the_fused_adam_shortcut_leaves_what_it_does_not_cover_to_adam_step():
+    params = _small_parameters()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    plain = torch.optim.Adam(params, lr=0.01)  # not fused
+    plain.step()
+    assert not _base._fused_adam_step(plain)
+    fused = torch.optim.Adam(params, lr=0.01, fused=True)
+    fused.step()
+    params[0].grad = None  # a parameter this step does not train
+    assert not _base._fused_adam_step(fused)
+    decayed = torch.optim.Adam(params[1:], lr=0.01, fused=True, weight_decay=0.1)
+    decayed.step()
+    assert not _base._fused_adam_step(decayed)
+
+
+def test_snapshots_are_independent_copies():
+    params = _small_parameters()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = torch.optim.Adam(params, lr=0.01, fused=True)
+    opt.step()
+    module = torch.nn.Linear(2, 3)
+    state, saved = opt.state_dict(), _base._clone(opt.state_dict())
+    saved_module = _base._clone(module.state_dict())
+    assert saved_module._metadata == module.state_dict()._metadata
+    opt.step()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    assert saved["param_groups"] == state["param_groups"]
+    for key, value in saved["state"].items():
+        assert torch.equal(value["step"], torch.tensor(1.0))
+        assert not torch.equal(value["exp_avg"], opt.state_dict()["state"][key]["exp_avg"])
+    assert not torch.equal(saved_module["weight"], module.weight)
+    opt.load_state_dict(saved)
+    module.load_state_dict(saved_module)
+    assert torch.equal(module.weight, saved_module["weight"])
+    assert all(torch.equal(opt.state[p]["step"], torch.tensor(1.0)) for p in params)
+
+
 def test_non_finite_validation_loss_does_not_break_training(Estimator, X, monkeypatch):
     inject(monkeypatch, Estimator, validation=lambda call, est: torch.tensor(float("nan")))
     est = make(Estimator, early_stopping=True).fit(X)
