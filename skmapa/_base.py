@@ -166,24 +166,29 @@ def _clone(state):
 def clip_grad_norm(params, max_norm):
     """``torch.nn.utils.clip_grad_norm_`` that also takes sparse gradients.
 
-    The total norm is over every gradient entry, dense or sparse; returns it.
+    The total norm is over every gradient entry, dense or sparse; returns it
+    as a float (the training loop checks it on the host at every step
+    anyway). Dense gradients skip ``clip_grad_norm_``'s per-call grouping of
+    the tensors by device and dtype (a tenth of a small model's step), and
+    are only rescaled when the norm is above ``max_norm``.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    if not any(g.is_sparse for g in grads):
-        # clip_grad_norm_'s own arithmetic without its per-call grouping of
-        # the tensors by device and dtype (a tenth of a small model's step)
-        if not grads:
-            return torch.zeros(())
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        return total
-    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
-             for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = max_norm / (float(total) + 1e-6)
+    if not grads:
+        return 0.0
+    sparse = any(g.is_sparse for g in grads)
+    if sparse:
+        norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
+                 for g in grads]
+    else:
+        norms = torch._foreach_norm(grads)
+    total = float(torch.linalg.vector_norm(torch.stack(norms)))
+    coef = max_norm / (total + 1e-6)
     if coef < 1:
-        for g in grads:
-            g.mul_(coef)
+        if sparse:
+            for g in grads:
+                g.mul_(coef)
+        else:
+            torch._foreach_mul_(grads, coef)
     return total
 
 
@@ -827,13 +832,12 @@ class BaseDeepDensity(
                     epochs_done += 1
                 idx = queue.pop()
                 loss, report = stage.batch_loss(idx, generator)
-                if not torch.isfinite(loss):
+                if not math.isfinite(float(loss)):
                     finite = False
                     break
                 optimizer.zero_grad()
                 loss.backward()
-                norm = clip_grad_norm(params, MAX_GRAD_NORM)
-                if not torch.isfinite(norm):
+                if not math.isfinite(clip_grad_norm(params, MAX_GRAD_NORM)):
                     finite = False
                     break
                 optimizer.step()
