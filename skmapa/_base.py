@@ -262,8 +262,11 @@ _COMMON_PARAMETERS = """
     max_iter : 'auto' or int, default='auto'
         Training budget of each stage. 'auto' counts optimizer steps, so that
         it means the same at every data size: at most 4000 steps, judged for
-        convergence every 50 steps (a round). An int is a number of epochs
-        (passes over the training units), judged once per epoch.
+        convergence every 50 steps (a round); a stage that reaches the
+        4000 steps stops there without a warning (the cap is part of the
+        default, see ``converged_``). An int is a number of epochs (passes
+        over the training units), judged once per epoch; a stage that uses
+        them all issues a ConvergenceWarning.
     tol : float, default=1e-4
         A round improves when the monitored loss drops below the best seen
         by more than ``tol``: the mean training loss over the last
@@ -345,7 +348,8 @@ _COMMON_ATTRIBUTES = """
     validation_scores_ : list of float or None
         Mean validation bound per round when ``early_stopping``.
     converged_ : bool
-        Whether every training stage stopped by its convergence criterion.
+        Whether every training stage stopped by its convergence criterion
+        (``tol``, ``n_iter_no_change``) rather than at its budget.
     device_ : torch.device
         Device the networks live on.
     n_row_passes_ : dict
@@ -832,7 +836,7 @@ class BaseDeepDensity(
                     epochs_done += 1
                 idx = queue.pop()
                 loss, report = stage.batch_loss(idx, generator)
-                if not math.isfinite(float(loss)):
+                if not math.isfinite(float(loss.detach())):
                     finite = False
                     break
                 optimizer.zero_grad()
@@ -895,6 +899,15 @@ class BaseDeepDensity(
                 self._progress(f"{stage.name}: converged after {steps} steps")
                 return True, best_snapshot
         if max_steps > 0:
+            if stage.max_iter == "auto":
+                # The 'auto' step budget is where the package stops a stage by
+                # design: the caps were measured, and running MAPA's first
+                # phase longer made held-out densities worse. "Increase the
+                # budget" would be advice we cannot stand behind, so only an
+                # epoch budget the user chose warns; converged_ still says it.
+                self._progress(f"{stage.name}: stopped at its step budget "
+                               f"({max_steps} steps) before the tol rule ended it")
+                return False, best_snapshot
             warnings.warn(
                 f"{type(self).__name__}: stage {stage.name!r} used its whole budget "
                 f"({budget.replace('up to ', '')}, {stage.budget_param}="

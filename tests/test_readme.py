@@ -20,7 +20,8 @@ def test_readme_snippets_run_as_written():
     for code in blocks:
         namespace = {}
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a ConvergenceWarning is not a failure here
+            # what a user who copies the snippet sees: no warning at all
+            warnings.simplefilter("error")
             exec(compile(code, README, "exec"), namespace)
         est = namespace["est"]
         assert np.isfinite(est.score(namespace["X_test"]))
