@@ -107,6 +107,10 @@ class _Optimizers:
             opt.load_state_dict(state)
 
 
+#: Whether this torch has the fused Adam kernel that _fused_adam_step calls.
+_FUSED_ADAM = hasattr(torch, "_fused_adam_")
+
+
 def _fused_adam_step(opt):
     """One step of a fused ``torch.optim.Adam``, straight to its kernel.
 
@@ -142,9 +146,6 @@ def _fused_adam_step(opt):
         maximize=False, grad_scale=None, found_inf=None,
     )
     return True
-
-
-_FUSED_ADAM = hasattr(torch, "_fused_adam_")
 
 
 def _clone(state):
