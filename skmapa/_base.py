@@ -347,7 +347,9 @@ _COMMON_ATTRIBUTES = """
         Mean negative training bound per round (epoch, or 50-step window
         with ``max_iter='auto'``), in nats per unit.
     validation_scores_ : list of float or None
-        Mean validation bound per round when ``early_stopping``.
+        Mean validation bound per round when ``early_stopping`` (for
+        :class:`~skmapa.MAPADensity` also when its second phase holds rows
+        out, see ``refine_iter``).
     converged_ : bool
         Whether every training stage stopped by its convergence criterion
         (``tol``, ``n_iter_no_change``) rather than at its budget.
@@ -809,7 +811,8 @@ class BaseDeepDensity(
             budget = f"up to {stage.max_iter} epochs"
         best, no_improve = np.inf, 0
         best_snapshot = None
-        monitor_val = monitor and self.early_stopping_ and stage.validation_loss is not None
+        # a stage has a validation loss only where rows were held out for it
+        monitor_val = monitor and stage.validation_loss is not None
         recoveries = 0
         steps = rounds = 0
         stage_losses = []

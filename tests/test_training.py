@@ -173,6 +173,39 @@ def test_auto_early_stopping(Estimator, n, expected):
     assert est.early_stopping == "auto"
 
 
+@pytest.mark.parametrize("n, n_components, refine_iter, validated", [
+    (5000, 1, "auto", True), (4999, 1, "auto", False), (5000, 2, "auto", False),
+    (5000, 1, 3, False),
+])
+def test_mapa_second_phase_holds_out_rows_from_5000_rows_with_one_latent_dim(
+        n, n_components, refine_iter, validated, monkeypatch):
+    from skmapa import mapa
+    seen = []
+    bound = mapa.MAPADensity._refine_bound
+
+    def spy(self, x, idx, log_q, generator):
+        seen.append(x.shape[0])
+        return bound(self, x, idx, log_q, generator)
+
+    monkeypatch.setattr(mapa.MAPADensity, "_refine_bound", spy)
+    est = MAPADensity(n_components=n_components, max_iter=0, refine_iter=refine_iter,
+                      n_iter_no_change=2, tol=10.0, kernel="global", **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(_table(n=n))
+    assert (est.validation_scores_ is not None) is validated
+    assert est.early_stopping_ is False  # every row is still an atom
+    assert est.codes_.shape[0] == n
+    if validated:
+        # a tenth of the rows scored for validation (from the start of the
+        # stage, then once per round), never in a training batch
+        assert len(est.validation_scores_) >= 1
+        assert seen.count(500) == len(est.validation_scores_) + 1
+        assert est.converged_  # stopped by the validation rule (tol=10)
+    else:
+        assert 500 not in seen
+
+
 def test_validation_from_the_start_keeps_a_start_that_training_only_worsens(monkeypatch):
     """With a validation loss that only rises, the stage ends where it began."""
     from skmapa import _base
