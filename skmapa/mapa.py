@@ -593,39 +593,37 @@ class MAPADensity(BaseDeepDensity):
         n_rows = Xt.shape[0]
         rows = torch.arange(n_rows, device=device)
         max_steps = REFINE_MAX_STEPS
-        validation = None
-        if (data.X_val is None and self.refine_iter == "auto" and self.n_components == 1
+        # the rows the validation bound is taken on: (x, idx, log q, weights)
+        held_out = None
+        if data.X_val is not None:
+            val_idx, val_log_q = self._neighbour_proposal(data.X_val)
+            held_out = (data.X_val, val_idx, val_log_q, data.weights_val)
+        elif (self.refine_iter == "auto" and self.n_components == 1
                 and n_rows >= REFINE_VALIDATION_MIN_ROWS):
             # rows held out of this phase only: they stay atoms of the first
             n_val = min(int(math.ceil(self.validation_fraction * n_rows)),
                         REFINE_VALIDATION_MAX_ROWS)
             perm = torch.as_tensor(self._rng.permutation(n_rows), device=device)
             val_rows, rows = perm[:n_val], perm[n_val:].sort().values
+            held_out = (Xt[val_rows], idx_t[val_rows], log_q_t[val_rows], w_t[val_rows])
             max_steps = REFINE_VALIDATED_MAX_STEPS
             if self.validation_scores_ is None:
                 self.validation_scores_ = []
+
+        validation = None
+        if held_out is not None:
             val_generator = torch.Generator()
 
             def validation():
-                bound = self._refine_bound(Xt[val_rows], idx_t[val_rows], log_q_t[val_rows],
-                                           val_generator.manual_seed(0))
-                return -(w_t[val_rows] * bound).mean()
+                x, val_idx, val_log_q, weights = held_out
+                bound = self._refine_bound(x, val_idx, val_log_q, val_generator.manual_seed(0))
+                return -(weights * bound).mean()
 
         def loss(batch, generator):
             batch = rows[batch]
             bound = self._refine_bound(Xt[batch], idx_t[batch], log_q_t[batch], generator)
             value = -(w_t[batch] * bound).mean()
             return value, value.detach()
-
-        if data.X_val is not None:
-            val_idx, val_log_q = self._neighbour_proposal(data.X_val)
-            val_generator = torch.Generator()
-
-            def validation():
-                bound = self._refine_bound(
-                    data.X_val, val_idx, val_log_q, val_generator.manual_seed(0)
-                )
-                return -(data.weights_val * bound).mean()
 
         return TrainingStage(
             "refine",
