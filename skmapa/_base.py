@@ -193,6 +193,42 @@ def clip_grad_norm(params, max_norm):
     return total
 
 
+def clip_grad_norm_per_model(params, max_norm, n_models):
+    """``clip_grad_norm`` for ``n_models`` models stacked along the first axis.
+
+    Every parameter holds the models' values in ``n_models`` equal blocks of
+    its first axis (``StackedDecoders``; MAPA's codes, one block of atoms per
+    model). Each model's gradient is clipped by its own norm, as if it were
+    trained alone. Returns the largest norm (non-finite if any is).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = None
+    for g in grads:
+        if g.is_sparse:
+            g = g.coalesce()
+            rows = g.indices()[0] // (g.shape[0] // n_models)
+            part = torch.zeros(n_models, dtype=g.dtype, device=g.device).index_add_(
+                0, rows, g.values().reshape(rows.numel(), -1).pow(2).sum(1))
+        else:
+            part = g.reshape(n_models, -1).pow(2).sum(1)
+        sq = part if sq is None else sq + part
+    norms = sq.sqrt()
+    coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = p.grad = g.coalesce()
+            rows = g.indices()[0] // (g.shape[0] // n_models)
+            g._values().mul_(coef[rows].reshape(-1, *[1] * (g.values().dim() - 1)))
+        else:
+            g.reshape(n_models, -1).mul_(coef[:, None])
+    return float(norms.max())
+
+
 @dataclass
 class TrainingStage:
     """One phase of training: an objective over ``n_units`` minibatch units.
@@ -224,6 +260,16 @@ class TrainingStage:
     #: Set by the training loop: the best state seen under early stopping,
     #: restored if the stage is interrupted.
     best_snapshot: Optional[tuple] = None
+    #: Models trained at once (``StackedDecoders``; their parameters stacked
+    #: along the first axis): ``batch_loss`` then reports one value per
+    #: model, each model's gradient is clipped and its convergence judged on
+    #: its own, ``model_converged(c)`` is called when model ``c``'s rule
+    #: fires, and the stage ends when every model has converged.
+    n_models: int = 1
+    model_converged: Optional[Callable] = None
+    #: Set by the training loop: the mean report of every round (an array of
+    #: one value per model when ``n_models > 1``).
+    round_losses: list = field(default_factory=list)
 
 
 class TrainingData:
@@ -809,7 +855,10 @@ class BaseDeepDensity(
             max_steps = int(stage.max_iter) * steps_per_epoch
             round_steps = steps_per_epoch
             budget = f"up to {stage.max_iter} epochs"
-        best, no_improve = np.inf, 0
+        best, no_improve = np.full(stage.n_models, np.inf), np.zeros(stage.n_models, int)
+        done = np.zeros(stage.n_models, bool)
+        if stage.n_models == 1:
+            best, no_improve, done = best[0], no_improve[0], done[0]
         best_snapshot = None
         # a stage has a validation loss only where rows were held out for it
         monitor_val = monitor and stage.validation_loss is not None
@@ -845,11 +894,15 @@ class BaseDeepDensity(
                     break
                 optimizer.zero_grad()
                 loss.backward()
-                if not math.isfinite(clip_grad_norm(params, MAX_GRAD_NORM)):
+                norm = (clip_grad_norm(params, MAX_GRAD_NORM) if stage.n_models == 1 else
+                        clip_grad_norm_per_model(params, MAX_GRAD_NORM, stage.n_models))
+                if not math.isfinite(norm):
                     finite = False
                     break
                 optimizer.step()
-                total += float(report) * idx.numel()
+                report = (float(report) if stage.n_models == 1
+                          else report.detach().cpu().double().numpy())
+                total += report * idx.numel()
                 seen += idx.numel()
                 taken += 1
             if not finite:
@@ -875,12 +928,13 @@ class BaseDeepDensity(
             if stage.after_epoch is not None and epochs_done > epochs_before:
                 stage.after_epoch()
             round_loss = total / max(seen, 1)
-            self.loss_curve_.append(round_loss)
+            self.loss_curve_.append(float(np.mean(round_loss)))
             stage_losses.append(round_loss)
+            stage.round_losses.append(round_loss)
             # The training loss of one round is noisy (minibatches, sampled
             # bounds): monitor its mean over the last n_iter_no_change rounds,
             # so that one lucky round cannot stop training.
-            metric = float(np.mean(stage_losses[-self.n_iter_no_change:]))
+            metric = np.mean(stage_losses[-self.n_iter_no_change:], axis=0)
             if monitor_val:
                 with torch.no_grad():
                     val = float(stage.validation_loss())
@@ -892,14 +946,20 @@ class BaseDeepDensity(
                 # time left if the whole budget runs (convergence may stop sooner)
                 left = (time.perf_counter() - stage_start) * (max_steps - steps) / steps
                 msg = (f"{stage.name}: step {steps}/{max_steps} (epoch {epochs_done}), "
-                       f"loss {round_loss:.5f}")
+                       "loss " + ", ".join(f"{v:.5f}" for v in np.atleast_1d(round_loss)))
                 if monitor_val:
                     msg += f", validation loss {metric:.5f}"
                 self._progress(msg + f", at most {left:.0f} s left")
-            improved = np.isfinite(metric) and metric <= best - self.tol
-            no_improve = 0 if improved else no_improve + 1
-            best = min(best, metric)
-            if no_improve >= self.n_iter_no_change:
+            improved = np.isfinite(metric) & (metric <= best - self.tol)
+            no_improve = np.where(improved, 0, no_improve + 1)
+            best = np.minimum(best, metric)
+            newly = (no_improve >= self.n_iter_no_change) & ~done
+            if stage.n_models > 1:
+                for c in np.flatnonzero(newly):
+                    self._progress(f"{stage.name}: model {c} converged after {steps} steps")
+                    stage.model_converged(int(c))
+            done = done | newly
+            if np.all(done):
                 self._progress(f"{stage.name}: converged after {steps} steps")
                 return True, best_snapshot
         if max_steps > 0:

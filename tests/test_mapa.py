@@ -510,7 +510,8 @@ def test_more_refine_samples_shrink_the_noise_of_a_surface():
 
 def test_phase1_goes_on_from_the_winning_trial(monkeypatch):
     # with a step budget, phase 1 starts where the winning candidate's trial
-    # run ended and that trial's steps count towards the phase-1 budget
+    # run ended and that trial's steps count towards the phase-1 budget; the
+    # candidates train together (stacked), so their trials are one stage
     import skmapa.mapa as mapa_module
 
     monkeypatch.setattr(_mapa, "INIT_TRIAL_STEPS", 100)
@@ -524,8 +525,10 @@ def test_phase1_goes_on_from_the_winning_trial(monkeypatch):
                              {k: v.clone() for k, v in self.decoder_.state_dict().items()})
         out = run_stage(self, stage, generator, monitor)
         if stage.name.startswith("mapa-init"):
-            seen[stage.name] = (self.codes_.detach().clone(),
-                                {k: v.clone() for k, v in self.decoder_.state_dict().items()})
+            n = len(self.X_fit_)
+            seen["trials"] = [(self.codes_.detach()[c * n:(c + 1) * n].clone(),
+                               self.decoder_.model_state(c))
+                              for c in range(stage.n_models)]
         return out
 
     monkeypatch.setattr(MAPADensity, "_run_stage", spy)
@@ -534,18 +537,20 @@ def test_phase1_goes_on_from_the_winning_trial(monkeypatch):
         warnings.simplefilter("ignore")
         est = MAPADensity(n_components=1, refine_iter=0, n_iter_no_change=10**6,
                           random_state=0).fit(X)
-    n_candidates = len(est.init_scores_)
-    assert n_candidates == 3
-    assert est.n_steps_ == n_candidates * 100 + (300 - 100)
+    names = list(est.init_scores_)
+    assert names == ["spectral", "angle", "pca"] and len(seen["trials"]) == 3
+    # one stacked trial of 100 steps, then the rest of the 300-step budget
+    assert est.n_steps_ == 100 + (300 - 100)
     best = min(est.init_scores_, key=est.init_scores_.get)
-    codes, state = seen[f"mapa-init[{best}]"]
+    codes, state = seen["trials"][names.index(best)]
     start_codes, start_state = seen["start"]
     torch.testing.assert_close(start_codes, codes, rtol=0, atol=0)
+    assert set(state) == set(start_state)
     for name, value in state.items():
         torch.testing.assert_close(start_state[name], value, rtol=0, atol=0)
     # a loser's trial is not where phase 1 starts
-    other = next(name for name in est.init_scores_ if name != best)
-    assert not torch.equal(seen[f"mapa-init[{other}]"][0], start_codes)
+    other = next(name for name in names if name != best)
+    assert not torch.equal(seen["trials"][names.index(other)][0], start_codes)
 
 
 def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(monkeypatch):
@@ -570,5 +575,6 @@ def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(mo
         est = MAPADensity(n_components=2, refine_iter=0, n_iter_no_change=10**6,
                           random_state=0).fit(X)
     assert set(est.init_scores_) == {"spectral", "pca"}
-    assert stages == ["mapa-init[spectral]", "mapa-init[pca]", "mapa-rekernel"]
-    assert est.n_steps_ == 3 * 300
+    # both candidates run the whole (300-step) first phase, stacked
+    assert stages == ["mapa-init[spectral, pca]", "mapa-rekernel"]
+    assert est.n_steps_ == 2 * 300

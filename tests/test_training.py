@@ -12,8 +12,15 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 
 from skmapa import IWAEDensity, MAPADensity, VAEDensity
-from skmapa._base import AUTO_MAX_STEPS, WINDOW_STEPS
+from skmapa._base import (
+    AUTO_MAX_STEPS,
+    WINDOW_STEPS,
+    TrainingStage,
+    clip_grad_norm,
+    clip_grad_norm_per_model,
+)
 from skmapa._linear import probabilistic_pca, regression_start
+from skmapa._networks import GaussianDecoder, StackedDecoders, build
 from skmapa._utils import FLOPS_PER_THREAD, resolve_n_threads, torch_threads
 
 TINY = dict(hidden_layer_sizes=(8,), random_state=0)
@@ -294,10 +301,115 @@ def test_verbose_reports_every_stage_with_elapsed_times(capsys):
     X = _table(n=300, D=3)
     MAPADensity(n_components=1, max_iter=2, refine_iter=1, verbose=1, **TINY).fit(X)
     out = capsys.readouterr().out
-    for label in ("a priori: neighbour index", "a priori: bandwidth", "mapa-init[spectral]",
-                  "mapa-init[angle]", "mapa-init[pca]", "candidate bounds", "[MAPADensity] mapa:",
+    for label in ("a priori: neighbour index", "a priori: bandwidth", "mapa-init[spectral, angle, pca]", "candidate bounds", "[MAPADensity] mapa:",
                   "refine:"):
         assert label in out, label
     times = [float(t) for t in re.findall(r"\((\d+\.\d) s\)", out)]
     assert times and max(times) < 600  # since fit began, not the machine's uptime
     assert times == sorted(times)
+
+
+# ----------------------------------------------------------------------
+# stacked models (MAPA's candidate starts train as one network)
+# ----------------------------------------------------------------------
+@pytest.mark.parametrize("sparse", [False, True])
+def test_per_model_clipping_clips_each_model_as_if_alone(sparse):
+    gen = torch.Generator().manual_seed(0)
+    n_models, n_atoms = 3, 5
+    # model 1's gradient is far above the threshold, the others below
+    scales = torch.tensor([0.01, 100.0, 0.1], dtype=torch.float64)
+    weights = torch.randn(n_models, 4, 2, generator=gen, dtype=torch.float64)
+    codes = torch.randn(n_models * n_atoms, 2, generator=gen, dtype=torch.float64)
+    w_grad = weights * scales[:, None, None]
+    c_grad = codes * scales.repeat_interleave(n_atoms)[:, None]
+    stacked = [torch.nn.Parameter(weights.clone()), torch.nn.Parameter(codes.clone())]
+    stacked[0].grad = w_grad.clone()
+    rows = torch.tensor([0, 3, 5, 6, 12, 14])  # atoms of every model, not all of them
+    if sparse:
+        stacked[1].grad = torch.sparse_coo_tensor(rows[None], c_grad[rows], codes.shape,
+                                                   check_invariants=True)
+    else:
+        stacked[1].grad = c_grad.clone()
+    largest = clip_grad_norm_per_model(stacked, 10.0, n_models)
+    norms = []
+    for c in range(n_models):
+        alone = [torch.nn.Parameter(weights[c].clone()),
+                 torch.nn.Parameter(codes[c * n_atoms:(c + 1) * n_atoms].clone())]
+        alone[0].grad = w_grad[c].clone()
+        block = c_grad[c * n_atoms:(c + 1) * n_atoms].clone()
+        if sparse:
+            keep = torch.zeros(n_atoms, dtype=torch.bool)
+            keep[rows[(rows // n_atoms) == c] % n_atoms] = True
+            block[~keep] = 0
+        alone[1].grad = block
+        norms.append(clip_grad_norm(alone, 10.0))
+        torch.testing.assert_close(stacked[0].grad[c], alone[0].grad)
+        got = stacked[1].grad.to_dense() if sparse else stacked[1].grad
+        torch.testing.assert_close(got[c * n_atoms:(c + 1) * n_atoms], alone[1].grad)
+    assert norms[1] > 10.0 > max(norms[0], norms[2])
+    assert largest == pytest.approx(max(norms))
+
+
+def test_stacked_decoders_train_as_the_separate_models():
+    # the same steps (fused Adam, gradients clipped: the loss is scaled far
+    # above the threshold) on three decoders and on their stack
+    gen = torch.Generator().manual_seed(0)
+    decoders = [build(GaussianDecoder, gen, 1, 2, (16, 16), "tanh").double()
+                for _ in range(3)]
+    x = 5 * torch.randn(40, 2, generator=gen, dtype=torch.float64)
+    codes = [torch.randn(40, 1, generator=gen, dtype=torch.float64).requires_grad_()
+             for _ in range(3)]
+    stacked = StackedDecoders(decoders)
+    stacked_codes = torch.nn.Parameter(torch.cat([c.detach() for c in codes]))
+    opts = [torch.optim.Adam([*d.parameters(), c], lr=0.01, fused=True)
+            for d, c in zip(decoders, codes)]
+    stacked_opt = torch.optim.Adam([*stacked.parameters(), stacked_codes], lr=0.01, fused=True)
+    offsets = torch.arange(3)[:, None] * 40
+
+    def loss(f, scale, dims):
+        return 1e3 * (((x[batch] - f) / scale) ** 2).sum(dims) + torch.log(scale).sum(dims)
+
+    for step in range(30):
+        batch = torch.randperm(40, generator=gen)[:16]
+        for d, c, opt in zip(decoders, codes, opts):
+            opt.zero_grad()
+            loss(d(c[batch]), d.scale, None).backward()
+            clip_grad_norm([*d.parameters(), c], 10.0)
+            opt.step()
+        stacked_opt.zero_grad()
+        f = stacked(torch.nn.functional.embedding(batch + offsets, stacked_codes))
+        loss(f, stacked.scale, (-2, -1)).sum().backward()
+        assert clip_grad_norm_per_model([*stacked.parameters(), stacked_codes], 10.0, 3) > 10
+        stacked_opt.step()
+    for c, d in enumerate(decoders):
+        state = stacked.model_state(c)
+        assert set(state) == set(d.state_dict())
+        for key, value in d.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stacked_codes[c * 40:(c + 1) * 40], codes[c],
+                                   rtol=1e-12, atol=1e-12)
+    assert stacked.rows_forward == sum(d.mean_net.rows_forward for d in decoders)
+
+
+def test_each_stacked_model_converges_on_its_own():
+    # model 0's loss is flat (its rule fires after n_iter_no_change rounds),
+    # model 1's falls for a while: the stage goes on until both converged
+    est = MAPADensity(n_iter_no_change=3, tol=1e-3, learning_rate_init=0.05, batch_size=4)
+    est.device_, est.n_steps_, est.n_iter_ = torch.device("cpu"), 0, 0
+    est.loss_curve_, est.validation_scores_ = [], None
+    p = torch.nn.Parameter(torch.zeros(2, 1, dtype=torch.float64))
+
+    def batch_loss(idx, generator):
+        per_model = torch.stack([0 * p[0, 0] + 1.0, (p[1, 0] - 20.0) ** 2])
+        return per_model.sum(), per_model.detach()
+
+    converged_at = {}
+    stage = TrainingStage("two", 8, batch_loss, [p], "auto", max_steps=3000, n_models=2)
+    stage.model_converged = lambda c: converged_at.setdefault(c, est.n_steps_)
+    converged, _ = est._run_stage(stage, torch.Generator().manual_seed(0))
+    assert converged and set(converged_at) == {0, 1}
+    assert converged_at[0] == 4 * WINDOW_STEPS  # the first round sets the best
+    assert converged_at[1] > converged_at[0] and est.n_steps_ == converged_at[1]
+    assert float(p.detach()[1, 0]) == pytest.approx(20.0, abs=0.1)
+    assert len(stage.round_losses) == est.n_steps_ // WINDOW_STEPS
+    assert np.shape(stage.round_losses[0]) == (2,)
