@@ -7,7 +7,7 @@ import time
 from . import _common
 
 SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real",
-          "threads", "overfit", "zoo", "scoring")
+          "threads", "overfit", "zoo", "scoring", "sizes")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -23,7 +23,7 @@ def parse_args(argv=None):
                    help="small N, one seed, few epochs (a smoke test of a few minutes); results go "
                    "to benchmarks/results/quick/")
     p.add_argument("--big", action="store_true",
-                   help="scale suite: also fit MAPADensity on 1e6 rows")
+                   help="scale and sizes suites: also fit MAPADensity on 1e6 rows")
     p.add_argument("--datasets", nargs="+", default=None,
                    help="restrict density/curves/related/refine/zoo to these data sets "
                    "(real: to these tables)")
@@ -37,7 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
     from . import (curves, density, digits, overfit, parallel, real, refine, related, scale,
-                   scoring, threads, zoo)
+                   scoring, sizes, threads, zoo)
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -52,7 +52,7 @@ def main(argv=None):
     modules = {"density": density, "curves": curves, "scale": scale, "related": related,
                "digits": digits, "parallel": parallel, "refine": refine, "real": real,
                "threads": threads, "overfit": overfit, "zoo": zoo,
-               "scoring": scoring}
+               "scoring": scoring, "sizes": sizes}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)
@@ -60,7 +60,7 @@ def main(argv=None):
             cfg["seeds"] = args.seeds
         t0 = time.perf_counter()
         _common.log(f"suite {name}: start")
-        if name == "scale":
+        if name in ("scale", "sizes"):
             mod.run(cfg, out, env, big=args.big)
         else:
             mod.run(cfg, out, env, datasets=args.datasets)
@@ -69,7 +69,7 @@ def main(argv=None):
             fh.write(f"Suite wall time: {minutes:.1f} min "
                      f"(`python -m benchmarks --suite {name}"
                      f"{' --quick' if args.quick else ''}"
-                     f"{' --big' if args.big and name == 'scale' else ''}`).\n")
+                     f"{' --big' if args.big and name in ('scale', 'sizes') else ''}`).\n")
         _common.log(f"suite {name}: done in {minutes:.1f} min")
     _common.log(f"all done in {(time.perf_counter() - t_all) / 60:.1f} min; results in {out}")
 

@@ -1,4 +1,4 @@
-"""One measurement of the ``scale`` suite, run in a fresh process.
+"""One measurement of the ``scale`` and ``sizes`` suites, run in a fresh process.
 
 ``python -m benchmarks._worker '<json task>'`` prints one line ``RESULT
 <json>``. Running each configuration in its own process keeps the peak
@@ -39,16 +39,19 @@ def task_mapa_fit(task):
 
     n = int(task["n"])
     d = int(task.get("n_features", 2))
+    seed = int(task.get("seed", 0))
     warm_up()
-    X, _ = spiral_data(n, d, random_state=0)
+    X, _ = spiral_data(n, d, random_state=seed)
     before = current_rss_mib()
-    est = deep_estimator("MAPA", 0, n_components=1, **task["params"])
+    est = deep_estimator(task.get("estimator", "MAPA"), seed, n_components=1,
+                         **task["params"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with timed() as t:
             est.fit(X)
     after = maxrss_mib()
-    X_test, log_density = spiral_data(task.get("n_test", 5000), d, random_state=10_000)
+    X_test, log_density = spiral_data(task.get("n_test", 5000), d,
+                                      random_state=10_000 + seed)
     kl = float(np.mean(log_density(X_test) - est.score_samples(X_test)))
     return {
         "fit_wall_s": t["wall"],
@@ -57,6 +60,8 @@ def task_mapa_fit(task):
         "rss_peak_after_fit_mib": after,
         "kl": kl,
         "n_iter": int(est.n_iter_),
+        "n_steps": int(est.n_steps_),
+        "converged": bool(est.converged_),
         "row_passes": total_row_passes(est),
     }
 
