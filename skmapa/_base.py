@@ -201,31 +201,28 @@ def clip_grad_norm_per_model(params, max_norm, n_models):
     model). Each model's gradient is clipped by its own norm, as if it were
     trained alone. Returns the largest norm (non-finite if any is).
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    params = [p for p in params if p.grad is not None]
+    if not params:
         return 0.0
-    sq = None
-    for g in grads:
-        if g.is_sparse:
-            g = g.coalesce()
-            rows = g.indices()[0] // (g.shape[0] // n_models)
-            part = torch.zeros(n_models, dtype=g.dtype, device=g.device).index_add_(
-                0, rows, g.values().reshape(rows.numel(), -1).pow(2).sum(1))
+    rows, sq = {}, 0.0
+    for i, p in enumerate(params):
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            # the model of each stored row of the gradient
+            rows[i] = p.grad.indices()[0] // (p.grad.shape[0] // n_models)
+            values = p.grad.values().reshape(rows[i].numel(), -1)
+            sq = sq + torch.zeros(n_models, dtype=values.dtype, device=values.device
+                                  ).index_add_(0, rows[i], values.pow(2).sum(1))
         else:
-            part = g.reshape(n_models, -1).pow(2).sum(1)
-        sq = part if sq is None else sq + part
+            sq = sq + p.grad.reshape(n_models, -1).pow(2).sum(1)
     norms = sq.sqrt()
     coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if g.is_sparse:
-            g = p.grad = g.coalesce()
-            rows = g.indices()[0] // (g.shape[0] // n_models)
-            g._values().mul_(coef[rows].reshape(-1, *[1] * (g.values().dim() - 1)))
+    for i, p in enumerate(params):
+        if i in rows:
+            p.grad._values().mul_(coef[rows[i]].reshape(-1, *[1] * (p.grad.values().dim() - 1)))
         else:
-            g.reshape(n_models, -1).mul_(coef[:, None])
+            g = p.grad
+            g.copy_((g.reshape(n_models, -1) * coef[:, None]).reshape(g.shape))
     return float(norms.max())
 
 

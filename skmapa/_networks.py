@@ -165,7 +165,8 @@ class StackedDecoders(nn.Module):
     overhead of eager torch, not arithmetic, dominates a small network's
     step. Adam is elementwise, so the models train independently when the
     loss is the sum of their losses (and their gradients are clipped each on
-    its own, ``clip_gradients``). MAPA's candidate starts are trained this way.
+    its own, ``_base.clip_grad_norm_per_model``). MAPA's candidate starts
+    are trained this way.
     """
 
     def __init__(self, decoders):
