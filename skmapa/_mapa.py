@@ -36,14 +36,19 @@ PROPOSAL_WIDENING = 2.0
 #: were behind PCA after 200 steps (bound 6.23 vs 6.14) and far ahead after
 #: 400 (5.39 vs 6.14) and at the end (held-out -1.90 vs -2.63 nats per row).
 INIT_TRIAL_STEPS = 400
-#: ... and at least this many epochs (at most ``INIT_TRIAL_MAX_STEPS``
-#: steps): a code is updated only when its atom is in a minibatch, once per
-#: epoch, so on large data 400 steps left each code two updates and the
-#: bounds did not yet tell a folded start from a good one (3*10^5 spiral
-#: rows: the 2-D angle codes led the spectral ones by 0.004 after 400 and
-#: 800 steps and trailed by 0.03 after 1600; held-out KL 0.033 against 0.007).
-INIT_TRIAL_EPOCHS = 8
-INIT_TRIAL_MAX_STEPS = 1600
+#: ... and on more than ``INIT_TRIAL_LARGE_ROWS`` atoms this many. On large
+#: data the bound after a short trial did not tell a folded start from a
+#: good one: a code moves only when its atom is in a minibatch, and the
+#: 2-D angle codes (which fold an open curve) led the spectral ones for a
+#: while. Measured on the spiral (seeds 0-2; spectral is right): at
+#: 3*10^5 rows the angle led after 400 and 800 steps and trailed after 1600
+#: (held-out KL 0.0327/0.0024/0.0252 with 400 steps, 0.0073/0.0043/0.0063
+#: with 1600); at 10^4 rows the spectral codes led after 400 and 1600 steps
+#: but the angle led after 632 on two seeds (KL 0.076, 0.082 against 0.010,
+#: 0.011 with 1600). Up to 6400 rows 400 steps chose well (the ``density``
+#: suite), and 150-row fits stay fast.
+INIT_TRIAL_LARGE_ROWS = 6400
+INIT_TRIAL_LARGE_STEPS = 1600
 #: Components of a disconnected neighbour graph chained greedily, each next
 #: to the nearest (more are ordered along the main axis of their centroids).
 MAX_CHAINED = 64

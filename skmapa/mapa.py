@@ -142,8 +142,8 @@ class MAPADensity(BaseDeepDensity):
     init_scores_ : dict or None
         The negative MAPA bound reached by a trial phase-1 run from each
         candidate initialisation of the codes (with ``max_iter='auto'``: 400
-        steps with ``n_components=1``, 8 epochs up to 1600 steps on large
-        data; the whole first phase with more), by
+        steps with ``n_components=1``, 1600 on more than 6400 rows; the
+        whole first phase with more), by
         name: 'spectral' (spectral
         embedding of the MAPA graph), 'angle' (``n_components=1``: angle of
         the 2-D spectral embedding) and 'pca' (``init='auto'`` or 'pca':
@@ -386,19 +386,18 @@ class MAPADensity(BaseDeepDensity):
 
     def _trial_steps(self):
         """Steps of each candidate's trial run: with a step budget, for one
-        latent dimension ``INIT_TRIAL_EPOCHS`` epochs within
-        ``INIT_TRIAL_STEPS`` .. ``INIT_TRIAL_MAX_STEPS`` steps (400 steps up
-        to 6400 rows, 1600 from about 40,000), and the whole first phase
+        latent dimension ``INIT_TRIAL_STEPS`` (400), or
+        ``INIT_TRIAL_LARGE_STEPS`` (1600) on more than
+        ``INIT_TRIAL_LARGE_ROWS`` (6400) atoms, and the whole first phase
         (``AUTO_MAX_STEPS``, ended by convergence) for more; with an epoch
         budget, at most ``INIT_TRIAL_STEPS`` and the budget (none with
         ``max_iter=0``)."""
         if self.max_iter == "auto":
             if self.n_components > 1:
                 return AUTO_MAX_STEPS
-            n_atoms = self.X_fit_.shape[0]
-            per_epoch = -(-n_atoms // self._batch_size(n_atoms))
-            return int(np.clip(_mapa.INIT_TRIAL_EPOCHS * per_epoch, _mapa.INIT_TRIAL_STEPS,
-                               _mapa.INIT_TRIAL_MAX_STEPS))
+            return (_mapa.INIT_TRIAL_LARGE_STEPS
+                    if self.X_fit_.shape[0] > _mapa.INIT_TRIAL_LARGE_ROWS
+                    else _mapa.INIT_TRIAL_STEPS)
         n_atoms = self.X_fit_.shape[0]
         return min(_mapa.INIT_TRIAL_STEPS,
                    self.max_iter * -(-n_atoms // self._batch_size(n_atoms)))

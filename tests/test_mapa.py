@@ -508,25 +508,20 @@ def test_more_refine_samples_shrink_the_noise_of_a_surface():
     assert np.mean(auto.noise_scale_) < 0.85 * np.mean(four.noise_scale_)
 
 
-@pytest.mark.parametrize("n_atoms", [150, 2000, 6400, 20_000, 100_000, 300_000])
-def test_one_latent_dimension_trials_give_every_code_several_updates(n_atoms):
-    # a code moves only when its atom is in a minibatch (once per epoch): the
-    # trial runs at least INIT_TRIAL_EPOCHS epochs, within 400-1600 steps
+@pytest.mark.parametrize("n_atoms", [150, 2000, 6400, 6401, 100_000, 300_000])
+def test_one_latent_dimension_trials_are_longer_on_large_data(n_atoms):
+    # on large data a short trial's bound favoured a folded start: 1600
+    # steps above 6400 atoms, 400 up to it; an epoch budget caps the trial
     est = MAPADensity(n_components=1)
     est.X_fit_ = np.zeros((n_atoms, 2))
-    steps = est._trial_steps()
-    per_epoch = -(-n_atoms // est._batch_size(n_atoms))
-    assert _mapa.INIT_TRIAL_STEPS <= steps <= _mapa.INIT_TRIAL_MAX_STEPS
-    assert steps >= min(_mapa.INIT_TRIAL_EPOCHS * per_epoch, _mapa.INIT_TRIAL_MAX_STEPS)
-    assert steps == _mapa.INIT_TRIAL_STEPS or steps < (_mapa.INIT_TRIAL_EPOCHS + 1) * per_epoch
-    if n_atoms <= 6400:
-        assert steps == 400
-    if n_atoms >= 100_000:
-        assert steps == 1600
-    # with an epoch budget the trial never exceeds it
+    assert est._trial_steps() == (1600 if n_atoms > 6400 else 400)
     capped = MAPADensity(n_components=1, max_iter=1)
     capped.X_fit_ = est.X_fit_
+    per_epoch = -(-n_atoms // capped._batch_size(n_atoms))
     assert capped._trial_steps() == min(400, per_epoch)
+    from skmapa._base import AUTO_MAX_STEPS
+
+    assert MAPADensity(n_components=2)._trial_steps() == AUTO_MAX_STEPS
 
 
 def test_phase1_goes_on_from_the_winning_trial(monkeypatch):
