@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
-from scipy.special import logsumexp
-from scipy.stats import norm
+from scipy.special import logsumexp, ndtri
 from sklearn.manifold import spectral_embedding
 from sklearn.neighbors import NearestNeighbors
 
@@ -167,8 +166,14 @@ def neighbour_statistics(X, idx, log_q, row_weights):
 
 
 def weighted_normal_quantiles(order_values, weights):
-    """N(0, 1) quantiles at the weighted mid-ranks of ``order_values``."""
-    return norm.ppf(np.clip(_mid_ranks(order_values, weights), 1e-12, 1 - 1e-12))
+    """N(0, 1) quantiles at the weighted mid-ranks of ``order_values``.
+
+    ``scipy.special.ndtri`` is ``scipy.stats.norm.ppf`` without the
+    distribution machinery around it (the same values, bit for bit): the
+    codes are re-matched with it after every epoch, and on 150 rows (two
+    steps per epoch) ``norm.ppf``'s ~180 us per call were 8% of a fit.
+    """
+    return ndtri(np.clip(_mid_ranks(order_values, weights), 1e-12, 1 - 1e-12))
 
 
 def match_prior(codes, weights, rng, n_rotations):
@@ -257,7 +262,7 @@ def component_codes(X, idx, log_q, labels, n_components, rng, within="spectral",
         if flip:
             u, ends = 1.0 - u, ends[::-1]
         previous_end = ends[1]
-        codes[rows, 0] = norm.ppf(np.clip(below + mass[c] * u, 1e-12, 1 - 1e-12))
+        codes[rows, 0] = ndtri(np.clip(below + mass[c] * u, 1e-12, 1 - 1e-12))
         below += mass[c]
         for j in range(1, n_components):
             codes[rows, j] = weighted_normal_quantiles(inner[:, j], weights[rows])
