@@ -385,7 +385,9 @@ _COMMON_ATTRIBUTES = """
     n_steps_ : int
         Optimizer steps run, over all training stages and every run from a
         candidate start (the cost of the fit; ``n_iter_`` and
-        ``loss_curve_`` describe the model kept).
+        ``loss_curve_`` describe the model kept). MAPA's candidate starts
+        train stacked, one step for all of them; ``n_row_passes_`` counts
+        each candidate's rows.
     loss_curve_ : list of float
         Mean negative training bound per round (epoch, or 50-step window
         with ``max_iter='auto'``), in nats per unit.
