@@ -8,6 +8,8 @@ from . import _common
 
 SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real",
           "threads", "overfit", "zoo", "scoring", "sizes")
+#: Suites that take ``--big`` (MAPADensity on 10^6 rows too).
+BIG_SUITES = ("scale", "sizes")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -60,7 +62,7 @@ def main(argv=None):
             cfg["seeds"] = args.seeds
         t0 = time.perf_counter()
         _common.log(f"suite {name}: start")
-        if name in ("scale", "sizes"):
+        if name in BIG_SUITES:
             mod.run(cfg, out, env, big=args.big)
         else:
             mod.run(cfg, out, env, datasets=args.datasets)
@@ -69,7 +71,7 @@ def main(argv=None):
             fh.write(f"Suite wall time: {minutes:.1f} min "
                      f"(`python -m benchmarks --suite {name}"
                      f"{' --quick' if args.quick else ''}"
-                     f"{' --big' if args.big and name in ('scale', 'sizes') else ''}`).\n")
+                     f"{' --big' if args.big and name in BIG_SUITES else ''}`).\n")
         _common.log(f"suite {name}: done in {minutes:.1f} min")
     _common.log(f"all done in {(time.perf_counter() - t_all) / 60:.1f} min; results in {out}")
 
