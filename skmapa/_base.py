@@ -264,6 +264,10 @@ class TrainingStage:
     #: fires, and the stage ends when every model has converged.
     n_models: int = 1
     model_converged: Optional[Callable] = None
+    #: Called, when some but not all models have converged, with the indices
+    #: of those still training: the others need no more computing
+    #: (``StackedDecoders.set_active``); their reports are then NaN.
+    set_active: Optional[Callable] = None
     #: Set by the training loop: the mean report of every round (an array of
     #: one value per model when ``n_models > 1``).
     round_losses: list = field(default_factory=list)
@@ -927,7 +931,8 @@ class BaseDeepDensity(
             if stage.after_epoch is not None and epochs_done > epochs_before:
                 stage.after_epoch()
             round_loss = total / max(seen, 1)
-            self.loss_curve_.append(float(np.mean(round_loss)))
+            # (NaN: a stacked model that converged and is no longer computed)
+            self.loss_curve_.append(float(np.nanmean(round_loss)))
             stage_losses.append(round_loss)
             stage.round_losses.append(round_loss)
             # The training loss of one round is noisy (minibatches, sampled
@@ -945,7 +950,8 @@ class BaseDeepDensity(
                 # time left if the whole budget runs (convergence may stop sooner)
                 left = (time.perf_counter() - stage_start) * (max_steps - steps) / steps
                 msg = (f"{stage.name}: step {steps}/{max_steps} (epoch {epochs_done}), "
-                       "loss " + ", ".join(f"{v:.5f}" for v in np.atleast_1d(round_loss)))
+                       "loss " + ", ".join("done" if np.isnan(v) else f"{v:.5f}"
+                                          for v in np.atleast_1d(round_loss)))
                 if monitor_val:
                     msg += f", validation loss {metric:.5f}"
                 self._progress(msg + f", at most {left:.0f} s left")
@@ -961,6 +967,8 @@ class BaseDeepDensity(
             if np.all(done):
                 self._progress(f"{stage.name}: converged after {steps} steps")
                 return True, best_snapshot
+            if stage.n_models > 1 and newly.any() and stage.set_active is not None:
+                stage.set_active(np.flatnonzero(~done))
         if max_steps > 0:
             if stage.max_iter == "auto":
                 # The 'auto' step budget is where the package stops a stage by

@@ -444,6 +444,7 @@ class MAPADensity(BaseDeepDensity):
             ended[c] = (np.mean(stage.round_losses[-3:], axis=0)[c], model_state(c))
 
         stage.model_converged = model_converged
+        stage.set_active = stacked.set_active
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
@@ -516,19 +517,28 @@ class MAPADensity(BaseDeepDensity):
                    if n_models > 1 else 0)
 
         def phase1_loss(batch, generator):
-            f = decoder(torch.nn.functional.embedding(batch + offsets, codes,
-                                                      sparse=sparse_codes))
-            scale = decoder.scale.reshape(*f.shape[:-2], 1, -1)
-            resid = (wbar_t[batch, None] * (xbar_t[batch] - f) ** 2 / scale**2).sum((-2, -1))
-            expected = (
-                -0.5 * (resid * (n_atoms / batch.numel())
-                        + (spread_t / scale**2).sum((-2, -1)))
-                / total_w
-                - torch.log(scale).sum((-2, -1))
-                - log2pi
-            )
-            loss = -expected
-            return (loss if n_models == 1 else loss.sum()), loss.detach() - const
+            # only the stacked models still training (StackedDecoders.active)
+            active = getattr(decoder, "active", None)
+            f = decoder(torch.nn.functional.embedding(
+                batch + (offsets if active is None else active[:, None] * n_atoms),
+                codes, sparse=sparse_codes))
+            # minus the expected log-likelihood of the batch's atoms: the
+            # residuals are summed over the batch before they meet the noise
+            # (fewer batch-sized operations per step)
+            log_scale = torch.log(decoder.scale).reshape(*f.shape[:-2], -1)
+            diff = xbar_t[batch] - f
+            resid = (wbar_t[batch, None] * diff * diff).sum(-2)
+            loss = ((0.5 / total_w)
+                    * ((resid * (n_atoms / batch.numel()) + spread_t)
+                       * torch.exp(-2 * log_scale)).sum(-1)
+                    + log_scale.sum(-1) + log2pi)
+            if n_models == 1:
+                return loss, loss.detach() - const
+            report = loss.detach() - const
+            if active is not None:
+                report = torch.full((n_models,), math.nan, dtype=report.dtype,
+                                    device=report.device).index_copy_(0, active, report)
+            return loss.sum(), report
 
         return TrainingStage(
             name,

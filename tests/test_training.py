@@ -350,9 +350,12 @@ def test_per_model_clipping_clips_each_model_as_if_alone(sparse):
     assert largest == pytest.approx(max(norms))
 
 
-def test_stacked_decoders_train_as_the_separate_models():
+@pytest.mark.parametrize("retire_at", [None, 10])
+def test_stacked_decoders_train_as_the_separate_models(retire_at):
     # the same steps (fused Adam, gradients clipped: the loss is scaled far
-    # above the threshold) on three decoders and on their stack
+    # above the threshold) on three decoders and on their stack; with
+    # retire_at, model 1 stops training after that many steps (it converged)
+    # and the stack computes only models 0 and 2 from then on
     gen = torch.Generator().manual_seed(0)
     decoders = [build(GaussianDecoder, gen, 1, 2, (16, 16), "tanh").double()
                 for _ in range(3)]
@@ -364,30 +367,36 @@ def test_stacked_decoders_train_as_the_separate_models():
     opts = [torch.optim.Adam([*d.parameters(), c], lr=0.01, fused=True)
             for d, c in zip(decoders, codes)]
     stacked_opt = torch.optim.Adam([*stacked.parameters(), stacked_codes], lr=0.01, fused=True)
-    offsets = torch.arange(3)[:, None] * 40
+    active = torch.arange(3)
+    retired = None
 
     def loss(f, scale, dims):
         return 1e3 * (((x[batch] - f) / scale) ** 2).sum(dims) + torch.log(scale).sum(dims)
 
     for step in range(30):
+        if step == retire_at:
+            retired = (stacked.model_state(1), stacked_codes.detach()[40:80].clone())
+            active = torch.tensor([0, 2])
+            stacked.set_active(active)
         batch = torch.randperm(40, generator=gen)[:16]
-        for d, c, opt in zip(decoders, codes, opts):
-            opt.zero_grad()
-            loss(d(c[batch]), d.scale, None).backward()
-            clip_grad_norm([*d.parameters(), c], 10.0)
-            opt.step()
+        for c in active.tolist():
+            opts[c].zero_grad()
+            loss(decoders[c](codes[c][batch]), decoders[c].scale, None).backward()
+            clip_grad_norm([*decoders[c].parameters(), codes[c]], 10.0)
+            opts[c].step()
         stacked_opt.zero_grad()
-        f = stacked(torch.nn.functional.embedding(batch + offsets, stacked_codes))
+        f = stacked(torch.nn.functional.embedding(batch + active[:, None] * 40, stacked_codes))
+        assert f.shape == (len(active), 16, 2)
         loss(f, stacked.scale, (-2, -1)).sum().backward()
         assert clip_grad_norm_per_model([*stacked.parameters(), stacked_codes], 10.0, 3) > 10
         stacked_opt.step()
     for c, d in enumerate(decoders):
-        state = stacked.model_state(c)
+        state, got = ((stacked.model_state(c), stacked_codes[c * 40:(c + 1) * 40])
+                      if retired is None or c != 1 else retired)
         assert set(state) == set(d.state_dict())
         for key, value in d.state_dict().items():
             torch.testing.assert_close(state[key], value, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(stacked_codes[c * 40:(c + 1) * 40], codes[c],
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, codes[c], rtol=1e-12, atol=1e-12)
     assert stacked.rows_forward == sum(d.mean_net.rows_forward for d in decoders)
 
 
@@ -406,8 +415,12 @@ def test_each_stacked_model_converges_on_its_own():
     converged_at = {}
     stage = TrainingStage("two", 8, batch_loss, [p], "auto", max_steps=3000, n_models=2)
     stage.model_converged = lambda c: converged_at.setdefault(c, est.n_steps_)
+    still_training = []
+    stage.set_active = lambda active: still_training.append((est.n_steps_, list(active)))
     converged, _ = est._run_stage(stage, torch.Generator().manual_seed(0))
     assert converged and set(converged_at) == {0, 1}
+    # once model 0 converged, only model 1 is computed
+    assert still_training == [(converged_at[0], [1])]
     assert converged_at[0] == 4 * WINDOW_STEPS  # the first round sets the best
     assert converged_at[1] > converged_at[0] and est.n_steps_ == converged_at[1]
     assert float(p.detach()[1, 0]) == pytest.approx(20.0, abs=0.1)
