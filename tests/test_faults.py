@@ -249,11 +249,10 @@ def _small_parameters():
     return list(module.parameters())
 
 
-def test_the_fused_adam_shortcut_steps_exactly_as_adam_step():
+def test_fused_adam_steps_exactly_as_torch_adam():
     a, b = _small_parameters(), _small_parameters()
     reference = torch.optim.Adam(a, lr=0.01, fused=True)
-    fast = _base._Optimizers([torch.optim.Adam(b, lr=0.01, fused=True)])
-    shortcut = []
+    fast = _base._Optimizers([_base._FusedAdam(b, lr=0.01)])
     gen = torch.Generator().manual_seed(1)
     for step in range(25):
         if step == 10:
@@ -263,34 +262,36 @@ def test_the_fused_adam_shortcut_steps_exactly_as_adam_step():
         for p, q in zip(a, b):
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad.clone()
+        if step < 3 or step == 12:
+            # a parameter this step does not train: no state yet, then skipped
+            a[0].grad = b[0].grad = None
         reference.step()
-        shortcut.append(_base._fused_adam_step(fast.optimizers[0]))
-        if not shortcut[-1]:
-            fast.optimizers[0].step()
-    # the first step creates Adam's state through Adam.step; every later one
-    # goes straight to the kernel
-    assert shortcut == [False] + [True] * 24
+        fast.step()
     opt = fast.optimizers[0]
     for p, q in zip(a, b):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(reference.state[p][key], opt.state[q][key])
+            assert reference.state[p][key].dtype == opt.state[q][key].dtype
+    assert float(opt.state[b[0]]["step"]) == 21 and float(opt.state[b[1]]["step"]) == 25
 
 
-def test_the_fused_adam_shortcut_leaves_what_it_does_not_cover_to_adam_step():
+def test_fused_adam_restores_a_snapshot():
     params = _small_parameters()
+    opt = _base._FusedAdam(params, lr=0.01)
     for p in params:
         p.grad = torch.ones_like(p)
-    plain = torch.optim.Adam(params, lr=0.01)  # not fused
-    plain.step()
-    assert not _base._fused_adam_step(plain)
-    fused = torch.optim.Adam(params, lr=0.01, fused=True)
-    fused.step()
-    params[0].grad = None  # a parameter this step does not train
-    assert not _base._fused_adam_step(fused)
-    decayed = torch.optim.Adam(params[1:], lr=0.01, fused=True, weight_decay=0.1)
-    decayed.step()
-    assert not _base._fused_adam_step(decayed)
+    opt.step()
+    saved = _base._clone(opt.state_dict())
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.5
+    assert all(float(opt.state[p]["step"]) == 2 for p in params)
+    for _ in range(2):  # a snapshot can be restored more than once
+        opt.load_state_dict(saved)
+        assert opt.param_groups[0]["lr"] == 0.01
+        assert all(float(opt.state[p]["step"]) == 1 for p in params)
+        opt.step()
+    assert float(saved["state"][0]["step"]) == 1
 
 
 def test_snapshots_are_independent_copies():

@@ -304,3 +304,22 @@ def test_adaptive_importance_with_very_few_draws(n_draws):
         lp, se = _scoring.adaptive_importance_log_px(x, dec, *proposal, eps, 0.5,
                                                      return_error=True, **kw)
         assert torch.all(torch.isfinite(lp)) and torch.all(se >= 0)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "logistic", "relu", "identity"])
+def test_decoder_jacobian_by_hand_equals_torch_func_jvp(activation):
+    # the forward mode written out for the package's MLP decoders against
+    # torch's own forward-mode differentiation
+    from skmapa._networks import build
+
+    gen = torch.Generator().manual_seed(0)
+    decoder = build(GaussianDecoder, gen, 2, 5, (16, 8), activation).double()
+    with torch.no_grad():
+        decoder.linear_weight.copy_(torch.randn(5, 2, generator=gen, dtype=torch.float64))
+    z = torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    f, J = _scoring.decoder_jacobian(decoder, z)
+    f_ref, J_ref = _scoring._decoder_jacobian_jvp(decoder, z)
+    assert J.shape == (50, 5, 2)
+    torch.testing.assert_close(f, f_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(J, J_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f, decoder(z), rtol=1e-12, atol=1e-12)
