@@ -18,6 +18,14 @@ ACTIVATIONS = {
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
 }
+#: The slope of each activation, from its input ``a`` and output ``y``
+#: (None: 1), for ``GaussianDecoder.mean_and_jacobian``.
+ACTIVATION_SLOPES = {
+    nn.Identity: None,
+    nn.Sigmoid: lambda a, y: y * (1 - y),
+    nn.Tanh: lambda a, y: 1 - y * y,
+    nn.ReLU: lambda a, y: (a > 0).to(a.dtype),
+}
 
 #: Smallest noise standard deviation, in standardized units.
 MIN_SCALE = 1e-3
@@ -139,6 +147,28 @@ class GaussianDecoder(nn.Module):
     def mean_function(self, z):
         """``f(z)`` without counting rows (for Jacobians and diagnostics)."""
         return self.mean_net.net(z) + z @ self.linear_weight.T
+
+    def mean_and_jacobian(self, z):
+        """``mean_function(z)`` (n, D) and its Jacobian (n, D, d).
+
+        Forward-mode differentiation written out: the tangents of all ``d``
+        latent directions go through the layers together, a linear layer
+        mapping them by its weight and an activation scaling them by its
+        slope. ``torch.func.jvp`` gives the same values (tested), but its
+        first call imports ``torch._dynamo`` (1.1-1.4 s once per process, a
+        quarter of a first 150-row MAPA fit).
+        """
+        n, d = z.shape
+        h = z
+        tangents = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)
+        for m in self.mean_net.net:
+            a = h
+            h = m(a)
+            if isinstance(m, nn.Linear):
+                tangents = torch.matmul(m.weight, tangents)
+            elif ACTIVATION_SLOPES[type(m)] is not None:
+                tangents = ACTIVATION_SLOPES[type(m)](a, h).unsqueeze(-1) * tangents
+        return h + z @ self.linear_weight.T, tangents + self.linear_weight
 
     def init_linear(self, weight, offset, scale):
         """Start at the linear model ``f(z) = offset + weight z``, noise ``scale``.

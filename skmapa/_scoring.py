@@ -19,9 +19,13 @@ import warnings
 import numpy as np
 import torch
 from scipy.stats import norm, qmc
-from torch import nn
 
-from ._networks import gaussian_log_prob, mixture_log_prob, standard_normal_log_prob
+from ._networks import (
+    GaussianDecoder,
+    gaussian_log_prob,
+    mixture_log_prob,
+    standard_normal_log_prob,
+)
 
 #: Weight of the prior in every importance-sampling proposal.
 PRIOR_WEIGHT = 0.1
@@ -201,42 +205,13 @@ def mixture_covariance(means, log_stds, log_weights):
     return cov + torch.diag_embed((w.unsqueeze(-1) * torch.exp(2 * log_stds)).sum(1))
 
 
-#: The derivative of each activation of the decoders, from its input ``a``
-#: and output ``y`` (``decoder_jacobian``'s forward mode by hand).
-_ACTIVATION_SLOPES = {
-    nn.Tanh: lambda a, y: 1 - y * y,
-    nn.Sigmoid: lambda a, y: y * (1 - y),
-    nn.ReLU: lambda a, y: (a > 0).to(a.dtype),
-    nn.Identity: None,
-}
-
-
 def decoder_jacobian(decoder, z):
-    """Decoder means (n, D) at ``z`` (n, d) and their Jacobian (n, D, d).
-
-    For the package's MLP decoders the tangents of all ``d`` latent
-    directions are pushed through the layers together (forward-mode
-    differentiation written out: a linear layer maps them by its weight, an
-    activation scales them by its slope). ``torch.func.jvp`` gives the same
-    values (tested), but its first call imports ``torch._dynamo`` (1.1-1.4 s
-    once per process, a quarter of a first 150-row MAPA fit); it remains the
-    path for any other decoder.
-    """
-    layers = getattr(getattr(decoder, "mean_net", None), "net", None)
-    if layers is None or not all(isinstance(m, nn.Linear) or type(m) in _ACTIVATION_SLOPES
-                                 for m in layers):
-        return _decoder_jacobian_jvp(decoder, z)
-    n, d = z.shape
-    h = z
-    tangents = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)  # (n, width, d)
-    for m in layers:
-        a = h
-        h = m(a)
-        if isinstance(m, nn.Linear):
-            tangents = torch.matmul(m.weight, tangents)
-        elif _ACTIVATION_SLOPES[type(m)] is not None:
-            tangents = _ACTIVATION_SLOPES[type(m)](a, h).unsqueeze(-1) * tangents
-    return h + z @ decoder.linear_weight.T, tangents + decoder.linear_weight
+    """Decoder means (n, D) at ``z`` (n, d) and their Jacobian (n, D, d):
+    ``GaussianDecoder.mean_and_jacobian`` for the package's decoders (no
+    ``torch._dynamo`` import), ``torch.func.jvp`` for any other."""
+    if isinstance(decoder, GaussianDecoder):
+        return decoder.mean_and_jacobian(z)
+    return _decoder_jacobian_jvp(decoder, z)
 
 
 def _decoder_jacobian_jvp(decoder, z):

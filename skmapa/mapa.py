@@ -520,7 +520,7 @@ class MAPADensity(BaseDeepDensity):
             # only the stacked models still training (StackedDecoders.active)
             active = getattr(decoder, "active", None)
             f = decoder(torch.nn.functional.embedding(
-                batch + (offsets if active is None else active[:, None] * n_atoms),
+                batch + (offsets if active is None else offsets[active]),
                 codes, sparse=sparse_codes))
             # minus the expected log-likelihood of the batch's atoms: the
             # residuals are summed over the batch before they meet the noise
