@@ -13,7 +13,9 @@ count, independent of the machine and its load.
 Per epoch, MAPA's first phase costs one decoder pass per training row and no
 encoder pass; a VAE costs an encoder and a decoder pass per row, an IWAE with
 ``k`` samples an encoder pass and ``k`` decoder passes. MAPA's refinement
-phase (``refine_iter``) costs ``refine_samples`` decoder passes per row.
+phase (``refine_iter``) costs ``refine_samples`` decoder passes per row, or,
+with one latent dimension (``refine_method='grid'``, the default there), 256
+decoder passes per step shared by the whole minibatch.
 
 The budgets are small so that the example runs in well under a minute; the
 ``benchmarks/`` suite of the repository has the full curves.

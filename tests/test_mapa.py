@@ -10,6 +10,7 @@ from scipy import stats
 
 from skmapa import MAPADensity
 from skmapa import _mapa
+from skmapa import mapa as mapa_module
 from skmapa.datasets import make_circle, make_figure1, make_manifold, make_spiral
 
 
@@ -220,14 +221,20 @@ def test_zero_weight_rows_are_not_atoms(curve_data):
 
 def test_no_encoder_and_decoder_only_passes(curve_data):
     X, _ = curve_data
-    est = MAPADensity(n_components=1, max_iter=4, refine_iter=2, refine_samples=3,
-                      tol=0, random_state=0).fit(X)
+    kw = dict(n_components=1, max_iter=4, refine_iter=2, tol=0, random_state=0)
+    est = MAPADensity(refine_samples=3, refine_method="importance", **kw).fit(X)
     assert not hasattr(est, "encoder_")
     # phase 1: one decoder row per atom per epoch, also in the trial run of
     # each of the three candidate initialisations (spectral, angle, pca);
     # phase 2: refine_samples per row
     assert set(est.init_scores_) == {"spectral", "angle", "pca"}
-    assert est.n_row_passes_ == {"decoder": (3 * 4 + 4) * len(X) + 2 * 3 * len(X)}
+    phase1 = (3 * 4 + 4) * len(X)
+    assert est.n_row_passes_ == {"decoder": phase1 + 2 * 3 * len(X)}
+    # the grid: its points once per step, whatever the batch
+    grid = MAPADensity(**kw).fit(X)
+    assert grid.refine_method_ == "grid"
+    steps = 2 * -(-len(X) // grid._batch_size(len(X)))
+    assert grid.n_row_passes_ == {"decoder": phase1 + steps * mapa_module.REFINE_GRID_POINTS[0]}
 
 
 def test_mapa_beats_a_blob_on_a_spiral():
@@ -528,8 +535,6 @@ def test_phase1_goes_on_from_the_winning_trial(monkeypatch):
     # with a step budget, phase 1 starts where the winning candidate's trial
     # run ended and that trial's steps count towards the phase-1 budget; the
     # candidates train together (stacked), so their trials are one stage
-    import skmapa.mapa as mapa_module
-
     monkeypatch.setattr(_mapa, "INIT_TRIAL_STEPS", 100)
     monkeypatch.setattr(mapa_module, "AUTO_MAX_STEPS", 300)
     run_stage = MAPADensity._run_stage
@@ -574,8 +579,6 @@ def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(mo
     # fits at once) where the spectral codes end far better (swiss roll):
     # with n_components >= 2 every candidate runs the whole first phase, and
     # the winner's run is that phase
-    import skmapa.mapa as mapa_module
-
     monkeypatch.setattr(mapa_module, "AUTO_MAX_STEPS", 300)
     stages = []
     run_stage = MAPADensity._run_stage
@@ -594,3 +597,39 @@ def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(mo
     # both candidates run the whole (300-step) first phase, stacked
     assert stages == ["mapa-init[spectral, pca]", "mapa-rekernel"]
     assert est.n_steps_ == 2 * 300
+
+
+def test_refine_method_auto_and_its_checks():
+    X = make_spiral(60, random_state=0).X
+    kw = dict(max_iter=1, refine_iter=1, random_state=0)
+    assert MAPADensity(n_components=1, **kw).fit(X).refine_method_ == "grid"
+    assert MAPADensity(n_components=2, **kw).fit(X).refine_method_ == "importance"
+    # one feature: the exact likelihood let the noise collapse (docs), so
+    # 'auto' keeps the importance-weighted bound there
+    assert MAPADensity(n_components=1, **kw).fit(X[:, :1]).refine_method_ == "importance"
+    assert MAPADensity(n_components=1, refine_method="importance", **kw).fit(
+        X).refine_method_ == "importance"
+    est = MAPADensity(n_components=3, refine_method="grid", **kw)
+    with pytest.raises(ValueError, match=r"refine_method='grid' needs n_components <= 2"):
+        est.fit(X)
+    assert not hasattr(est, "decoder_")  # refused before any training
+
+
+def test_refine_grid_is_the_likelihood_and_the_importance_bound_is_below_it():
+    """The grid's estimate averages to the model's log-likelihood (scored by
+    quadrature), with no gap; the 4-draw MAPA bound of the same model sits
+    below it."""
+    X = make_spiral(300, random_state=1).X
+    est = MAPADensity(n_components=1, max_iter=30, refine_iter=20, random_state=0).fit(X)
+    assert est.refine_method_ == "grid"
+    Xs = torch.as_tensor(est.X_fit_).to(est.codes_)
+    idx, log_q = est._neighbour_proposal(Xs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        grid = torch.stack([est._refine_bound(Xs, idx, log_q, g) for _ in range(20)])
+        est.refine_method_ = "importance"
+        bound = torch.stack([est._refine_bound(Xs, idx, log_q, g) for _ in range(20)])
+    exact = est.score_samples(X) + np.log(est.scale_).sum()  # standardized units
+    grid_p = torch.logsumexp(grid, 0) - np.log(20)
+    assert abs(float(grid_p.mean()) - exact.mean()) < 0.01
+    assert float(bound.mean(0).mean()) < exact.mean() - 0.02
