@@ -231,7 +231,7 @@ def test_no_encoder_and_decoder_only_passes(curve_data):
     phase1 = (3 * 4 + 4) * len(X)
     assert est.n_row_passes_ == {"decoder": phase1 + 2 * 3 * len(X)}
     # the grid: its points once per step, whatever the batch
-    grid = MAPADensity(**kw).fit(X)
+    grid = MAPADensity(refine_method="grid", **kw).fit(X)
     assert grid.refine_method_ == "grid"
     steps = 2 * -(-len(X) // grid._batch_size(len(X)))
     assert grid.n_row_passes_ == {"decoder": phase1 + steps * mapa_module.REFINE_GRID_POINTS[0]}
@@ -600,16 +600,30 @@ def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(mo
 
 
 def test_refine_method_auto_and_its_checks():
-    X = make_spiral(60, random_state=0).X
-    kw = dict(max_iter=1, refine_iter=1, random_state=0)
-    assert MAPADensity(n_components=1, **kw).fit(X).refine_method_ == "grid"
-    assert MAPADensity(n_components=2, **kw).fit(X).refine_method_ == "importance"
-    # one feature: the exact likelihood let the noise collapse (docs), so
-    # 'auto' keeps the importance-weighted bound there
-    assert MAPADensity(n_components=1, **kw).fit(X[:, :1]).refine_method_ == "importance"
-    assert MAPADensity(n_components=1, refine_method="importance", **kw).fit(
-        X).refine_method_ == "importance"
-    est = MAPADensity(n_components=3, refine_method="grid", **kw)
+    # 'auto': the grid with one latent dimension, two or more features and
+    # a first phase that left little of the variance to the noise
+    auto = MAPADensity(n_components=1)
+    assert auto._refine_method(2, 0.05) == "grid"
+    assert auto._refine_method(2, mapa_module.REFINE_GRID_MAX_NOISE) == "importance"
+    # one feature: the likelihood let the noise collapse (docs)
+    assert auto._refine_method(1, 0.05) == "importance"
+    assert MAPADensity(n_components=2)._refine_method(2, 0.05) == "importance"
+    assert MAPADensity(n_components=1, refine_method="importance")._refine_method(
+        2, 0.05) == "importance"
+    assert MAPADensity(n_components=2, refine_method="grid")._refine_method(
+        2, 0.5) == "grid"
+    # resolved from the noise the first phase left: a line with little noise
+    # (the linear start already fits it) gets the grid, the same line under
+    # noise as large as its spread does not
+    rng = np.random.RandomState(0)
+    t = rng.normal(size=(200, 1))
+    line = np.hstack([t, 2 * t]) + 0.05 * rng.normal(size=(200, 2))
+    kw = dict(n_components=1, max_iter=2, refine_iter=1, random_state=0)
+    assert MAPADensity(**kw).fit(line).refine_method_ == "grid"
+    noisy = line + rng.normal(scale=line.std(0), size=line.shape)
+    assert MAPADensity(**kw).fit(noisy).refine_method_ == "importance"
+    X = line
+    est = MAPADensity(n_components=3, refine_method="grid", max_iter=1, refine_iter=1)
     with pytest.raises(ValueError, match=r"refine_method='grid' needs n_components <= 2"):
         est.fit(X)
     assert not hasattr(est, "decoder_")  # refused before any training
@@ -620,7 +634,8 @@ def test_refine_grid_is_the_likelihood_and_the_importance_bound_is_below_it():
     quadrature), with no gap; the 4-draw MAPA bound of the same model sits
     below it."""
     X = make_spiral(300, random_state=1).X
-    est = MAPADensity(n_components=1, max_iter=30, refine_iter=20, random_state=0).fit(X)
+    est = MAPADensity(n_components=1, max_iter=30, refine_iter=20, refine_method="grid",
+                      random_state=0).fit(X)
     assert est.refine_method_ == "grid"
     Xs = torch.as_tensor(est.X_fit_).to(est.codes_)
     idx, log_q = est._neighbour_proposal(Xs)

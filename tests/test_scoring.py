@@ -348,3 +348,17 @@ def test_stratified_prior_grid_is_unbiased_and_converges(D, sigma):
     torch.testing.assert_close(fine, exact, rtol=0, atol=1e-4)
     # the first stratum's point stays finite with a shift of exactly 0
     assert bool(torch.isfinite(stratified_prior_log_px(x, dec, 8, [0.0])).all())
+
+
+def test_stratified_prior_grid_in_float32_keeps_small_noise_accurate():
+    """float64 expands ||a - b||^2 into one matrix product; float32 forms the
+    differences, which keep their precision when the noise is small."""
+    dec, W, b, sigma = linear_model(d=1, D=5, sigma=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, generator=g) @ W.T + b + sigma * torch.randn(200, 5, generator=g)
+    with torch.no_grad():
+        double = stratified_prior_log_px(x, dec, 256, [0.3])
+        single = stratified_prior_log_px(x.float(), dec.float(), 256, [0.3])
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), double, rtol=0, atol=0.2)
+    assert float((single.double() - double).abs().mean()) < 0.01

@@ -302,7 +302,7 @@ def test_verbose_reports_every_stage_with_elapsed_times(capsys):
     MAPADensity(n_components=1, max_iter=2, refine_iter=1, verbose=1, **TINY).fit(X)
     out = capsys.readouterr().out
     for label in ("a priori: neighbour index", "a priori: bandwidth", "mapa-init[spectral, angle, pca]", "candidate bounds", "[MAPADensity] mapa:",
-                  "refine:"):
+                  "second phase: refine_method=", "refine:"):
         assert label in out, label
     times = [float(t) for t in re.findall(r"\((\d+\.\d) s\)", out)]
     assert times and max(times) < 600  # since fit began, not the machine's uptime
