@@ -648,3 +648,16 @@ def test_refine_grid_is_the_likelihood_and_the_importance_bound_is_below_it():
     grid_p = torch.logsumexp(grid, 0) - np.log(20)
     assert abs(float(grid_p.mean()) - exact.mean()) < 0.01
     assert float(bound.mean(0).mean()) < exact.mean() - 0.02
+
+
+def test_refine_grid_with_validation_and_sample_weight():
+    # the grid serves the validation bound of early stopping as it serves
+    # training; zero-weight rows are not atoms and weigh nothing
+    X = make_spiral(300, random_state=2).X
+    w = np.ones(len(X))
+    w[:30] = 0
+    est = MAPADensity(n_components=1, max_iter=20, refine_iter=10, refine_method="grid",
+                      early_stopping=True, random_state=0).fit(X, sample_weight=w)
+    assert est.refine_method_ == "grid"
+    assert est.validation_scores_ and np.all(np.isfinite(est.validation_scores_))
+    assert np.all(np.isfinite(est.score_samples(X)))
