@@ -301,7 +301,8 @@ class MAPADensity(BaseDeepDensity):
             return int(self.refine_samples)
         return self._by_latent_dimension(REFINE_SAMPLES_AUTO)
 
-    def _check_refine_method(self):
+    def _check_params(self, X):
+        super()._check_params(X)
         if self.refine_method == "grid" and self.n_components > len(REFINE_GRID_POINTS):
             raise ValueError(
                 f"refine_method='grid' needs n_components <= {len(REFINE_GRID_POINTS)} "
@@ -312,7 +313,6 @@ class MAPADensity(BaseDeepDensity):
         dimension, two or more features and a first phase that left less
         than ``REFINE_GRID_MAX_NOISE`` of the (standardized) variance to the
         noise, else 'importance'."""
-        self._check_refine_method()
         if self.refine_method != "auto":
             return self.refine_method
         grid = (self.n_components == 1 and n_features >= 2
@@ -353,7 +353,6 @@ class MAPADensity(BaseDeepDensity):
         keep = w > 0
         X, w = X[keep], w[keep]
         n = X.shape[0]
-        self._check_refine_method()  # a bad combination fails before training
         k = self.n_neighbors
         if k > n:
             warnings.warn(
