@@ -25,7 +25,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import BaseDeepDensity, TrainingStage
+from ._base import INIT_SELECTION_ROWS, BaseDeepDensity, TrainingStage
 from ._mixture_encoder import MixtureEncoder
 from ._networks import DetachedDecoder, GaussianDecoder, GaussianEncoder, build
 from ._objectives import prior_marginal_bound, recursive_component_criterion
@@ -35,10 +35,6 @@ from ._scoring import add_prior_component
 #: importance-sampling proposal: amortized posteriors tend to be too narrow,
 #: and a proposal narrower than the posterior has unbounded weights.
 PROPOSAL_WIDENING = 1.5
-#: Training rows whose estimated log-likelihood chooses between the two
-#: starts with ``init='auto'`` (without early stopping; else the validation
-#: rows).
-INIT_SELECTION_ROWS = 1000
 #: Shift of the fixed prior draws that score the LiBI validation bound.
 _VALIDATION_SHIFT = 0.5
 #: Weight of the prior in the mixture that a new component diverges from:

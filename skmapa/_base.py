@@ -75,6 +75,11 @@ EVAL_CALL_ROWS = 4096
 WINDOW_STEPS = 50
 #: Step budget of a training stage whose budget is 'auto'.
 AUTO_MAX_STEPS = 4000
+#: Training rows whose estimated log-likelihood chooses between starts: the
+#: VAE's and IWAE's two with ``init='auto'`` (without early stopping; else
+#: the validation rows), MAPA's candidate codes with more than one latent
+#: dimension.
+INIT_SELECTION_ROWS = 1000
 
 
 class _Optimizers:

@@ -353,6 +353,22 @@ def spectral_codes(X, idx, log_q, n_components, rng):
     return emb + 1e-9 * rng.standard_normal(emb.shape)
 
 
+def first_coordinate_codes(codes, rng):
+    """The first coordinate of ``codes``, the others drawn from N(0, 1).
+
+    A start for more latent dimensions than the neighbour graph identifies:
+    on a curve (two moons with two latent dimensions) a graph embedding's
+    second coordinate is a second harmonic along the curve, not a coordinate
+    across it, and decoding a 2-D prior folded onto the curve gives a lumpy
+    density. Codes that carry nothing in their other coordinates start the
+    decoder as the curve's model and leave those coordinates for the second
+    phase to use.
+    """
+    out = np.array(codes, dtype=np.float64, copy=True)
+    out[:, 1:] = rng.standard_normal((out.shape[0], out.shape[1] - 1))
+    return out
+
+
 def pca_codes(X, weights, n_components, rng):
     """Codes from the top principal components of the (weighted) rows.
 

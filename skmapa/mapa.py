@@ -12,10 +12,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _mapa
-from ._base import AUTO_MAX_STEPS, BaseDeepDensity, TrainingStage, fill_doc
+from ._base import (AUTO_MAX_STEPS, INIT_SELECTION_ROWS, BaseDeepDensity, TrainingStage,
+                    fill_doc)
 from ._linear import regression_start
 from ._networks import GaussianDecoder, StackedDecoders, build
-from ._scoring import (add_prior_component, mixture_importance_log_px,
+from ._scoring import (CHUNK_ELEMENTS, add_prior_component, mixture_importance_log_px,
                        stratified_prior_log_px)
 
 
@@ -23,6 +24,12 @@ from ._scoring import (add_prior_component, mixture_importance_log_px,
 #: (fused with the decoder's parameters) up to it: measured at 150 and 1000
 #: rows, dense Adam was ~10% faster per fit at equal or better held-out KL.
 SPARSE_CODES_MIN_ATOMS = 4096
+
+#: With more than one latent dimension the candidate starts, trained through
+#: the whole first phase, are compared by the continuous model's
+#: importance-weighted bound with this many draws per row, on up to
+#: ``INIT_SELECTION_ROWS`` training rows (``MAPADensity._likelihood_scores``).
+SELECTION_DRAWS = 64
 
 #: Step budget of the second phase when ``refine_iter='auto'``.
 REFINE_MAX_STEPS = 1000
@@ -173,19 +180,23 @@ class MAPADensity(BaseDeepDensity):
     refine_method_ : str
         The second phase's estimate (``refine_method`` resolved).
     init_scores_ : dict or None
-        The negative MAPA bound reached by a trial phase-1 run from each
-        candidate initialisation of the codes (with ``max_iter='auto'``: 400
-        steps with ``n_components=1``, 1600 on more than 6400 rows; the
-        whole first phase with more), by
-        name: 'spectral' (spectral
-        embedding of the MAPA graph), 'angle' (``n_components=1``: angle of
-        the 2-D spectral embedding) and 'pca' (``init='auto'`` or 'pca':
-        principal components); on a disconnected neighbour graph
-        'components' and 'components-angle' replace 'spectral' and 'angle'
-        (the same embeddings of each connected component, the components
-        laid out side by side in the prior). The best one is kept. None
-        when there was one candidate, or no budget (``max_iter=0``) to
-        compare them.
+        The score of a trial phase-1 run from each candidate initialisation
+        of the codes (with ``max_iter='auto'``: 400 steps with
+        ``n_components=1``, 1600 on more than 6400 rows; the whole first
+        phase with more), by name: 'spectral' (spectral embedding of the
+        MAPA graph), 'angle' (``n_components=1``: angle of the 2-D spectral
+        embedding), 'spectral-1d' (``n_components >= 2``: the spectral
+        codes' first coordinate, the others drawn from the prior) and 'pca'
+        (``init='auto'`` or 'pca': principal components); on a disconnected
+        neighbour graph 'components', 'components-angle' and
+        'components-1d' replace 'spectral', 'angle' and 'spectral-1d' (the
+        same embeddings of each connected component, the components laid
+        out side by side in the prior). The score is the negative MAPA bound
+        with ``n_components=1``, and with more the negative estimated
+        log-likelihood per row of the continuous model (a 64-draw
+        importance-weighted bound on up to 1000 training rows, standardized
+        units). The lowest is kept. None when there was one candidate, or no
+        budget (``max_iter=0``) to compare them.
     n_graph_components_ : int
         Connected components of the symmetrised neighbour graph of the
         training rows (1: connected).
@@ -417,7 +428,8 @@ class MAPADensity(BaseDeepDensity):
         if self.n_graph_components_ == 1:
             self._progress(f"a priori: bandwidth {self.bandwidth_:.4g}; spectral embedding "
                            "of the MAPA graph")
-            return {name: _mapa._WITHIN[name](X, idx, log_q, d, rng) for name in within}
+            return self._with_first_coordinate(
+                {name: _mapa._WITHIN[name](X, idx, log_q, d, rng) for name in within}, rng)
         sizes = np.bincount(labels)
         self._progress(
             f"a priori: bandwidth {self.bandwidth_:.4g}; the neighbour graph has "
@@ -425,11 +437,22 @@ class MAPADensity(BaseDeepDensity):
             + ", ".join(str(s) for s in sorted(sizes, reverse=True)[:8])
             + (", ..." if len(sizes) > 8 else "")
             + "): embedding each one and laying them out side by side in the prior")
-        return {
+        return self._with_first_coordinate({
             "components" + ("" if name == "spectral" else f"-{name}"):
                 _mapa.component_codes(X, idx, log_q, labels, d, rng, within=name, weights=w)
             for name in within
-        }
+        }, rng)
+
+    def _with_first_coordinate(self, candidates, rng):
+        """With more than one latent dimension, each graph candidate also
+        with its first coordinate only (``_mapa.first_coordinate_codes``),
+        as '<name>-1d'."""
+        if self.n_components == 1:
+            return candidates
+        out = dict(candidates)
+        for name, codes in candidates.items():
+            out[f"{name}-1d"] = _mapa.first_coordinate_codes(codes, rng)
+        return out
 
     def _start_from(self, codes, w, linear):
         """Set the codes and, with ``init='pca'``, the decoder's linear start."""
@@ -509,16 +532,59 @@ class MAPADensity(BaseDeepDensity):
             self.loss_curve_, self.n_iter_, self.validation_scores_ = saved
         last = (np.mean(stage.round_losses[-3:], axis=0) if stage.round_losses
                 else np.zeros(len(names)))
-        scores = {name: float(ended[c][0] if c in ended else last[c])
+        states = {name: ended[c][1] if c in ended else model_state(c)
                   for c, name in enumerate(names)}
+        if self.n_components > 1:
+            # the whole first phase ran: the continuous model decides
+            scores = self._likelihood_scores(states)
+            what = "estimated log-likelihood per row (negated)"
+        else:
+            scores = {name: float(ended[c][0] if c in ended else last[c])
+                      for c, name in enumerate(names)}
+            what = "bounds"
         self.init_scores_ = scores
         best = min(scores, key=scores.get)
-        self._progress("a priori: candidate bounds " + ", ".join(
+        self._progress(f"a priori: candidate {what} " + ", ".join(
             f"{name} {value:.4f}" for name, value in scores.items()) + f"; keeping {best}")
-        if self.max_iter != "auto":
-            return best, None
-        c = names.index(best)
-        return best, (ended[c][1] if c in ended else model_state(c))
+        return best, (states[best] if self.max_iter == "auto" else None)
+
+    def _likelihood_scores(self, states):
+        """Minus each candidate's estimated log-likelihood per training row.
+
+        ``states``: name -> (decoder state, codes) at the end of its first
+        phase. The MAPA bound cannot tell these apart: it scores the decoder
+        at the atoms only, and a 2-D prior folded onto a curve (the graph's
+        2-D embedding of two moons) fits the atoms as well as a curve's codes
+        do while the continuous model puts its mass in lumps along the fold.
+        The estimate is the second phase's importance-weighted bound with
+        ``SELECTION_DRAWS`` draws per row on up to ``INIT_SELECTION_ROWS``
+        training rows (the same rows and draws for every candidate).
+        """
+        idx, log_q, w = self._train_stats
+        n = len(w)
+        rows = (np.sort(self._rng.choice(n, INIT_SELECTION_ROWS, replace=False))
+                if n > INIT_SELECTION_ROWS else np.arange(n))
+        device, dtype = self.device_, self._torch_dtype
+        x = torch.as_tensor(self.X_fit_[rows], device=device).to(dtype)
+        idx_t = torch.as_tensor(idx[rows], device=device)
+        log_q_t = torch.as_tensor(log_q[rows], device=device).to(dtype)
+        weights = w[rows] / w[rows].sum()
+        width = max([*map(int, self.hidden_layer_sizes), x.shape[1]])
+        chunk = max(1, CHUNK_ELEMENTS // (SELECTION_DRAWS * width))
+        generator = torch.Generator()
+        scores = {}
+        with torch.no_grad():
+            for name, (state, codes) in states.items():
+                self.decoder_.load_state_dict(state)
+                self.codes_ = codes
+                self._update_atom_scales()
+                generator.manual_seed(0)
+                lp = torch.cat([
+                    self._importance_bound(x[i:i + chunk], idx_t[i:i + chunk],
+                                           log_q_t[i:i + chunk], SELECTION_DRAWS, generator)
+                    for i in range(0, len(rows), chunk)])
+                scores[name] = -float(weights @ lp.double().cpu().numpy())
+        return scores
 
     def _neighbour_proposal(self, Xs):
         """MAPA over each row's neighbours: (idx tensor, log q tensor)."""
@@ -759,7 +825,13 @@ class MAPADensity(BaseDeepDensity):
             u = torch.rand((self.n_components,), generator=generator, dtype=torch.float64)
             return stratified_prior_log_px(
                 x, self.decoder_, self._by_latent_dimension(REFINE_GRID_POINTS), u)
-        n, K, d = x.shape[0], self.refine_samples_, self.n_components
+        return self._importance_bound(x, idx, log_q, self.refine_samples_, generator)
+
+    def _importance_bound(self, x, idx, log_q, n_draws, generator):
+        """The importance-weighted bound of the continuous model, ``n_draws``
+        per row from the MAPA proposal over the codes of the rows'
+        neighbours ``idx`` (weights ``log_q``) mixed with the prior."""
+        n, K, d = x.shape[0], n_draws, self.n_components
         means, log_stds, log_w = add_prior_component(*self._proposal_from(idx, log_q))
         eps = torch.randn((n, K, d), generator=generator, dtype=torch.float64)
         u0 = torch.rand((n, 1), generator=generator, dtype=torch.float64)

@@ -145,6 +145,20 @@ def test_match_prior_matches_jointly_in_2d():
     assert abs(np.mean(r < 1) - (1 - np.exp(-0.5))) < 0.03
 
 
+def test_first_coordinate_codes_keep_the_first_and_draw_the_rest():
+    rng = np.random.RandomState(0)
+    t = rng.uniform(-1, 1, 4000)
+    codes = np.c_[t, t**2, np.cos(3 * t)]  # further coordinates along the curve
+    out = _mapa.first_coordinate_codes(codes, rng)
+    assert np.array_equal(out[:, 0], codes[:, 0])
+    assert np.array_equal(codes[:, 1], t**2)  # the input is not modified
+    for j in (1, 2):
+        assert stats.kstest(out[:, j], "norm").pvalue > 1e-3
+        # independent of where the row is on the curve
+        assert abs(stats.spearmanr(out[:, j], t**2)[0]) < 0.05
+        assert abs(stats.spearmanr(out[:, j], t)[0]) < 0.05
+
+
 def test_mapa_is_model_agnostic_on_non_identifiable_pairs():
     """MAPA depends only on X, k and tau: the two generative models of each
     pair give different codes for the same x, but MAPA cannot tell them apart."""
@@ -593,10 +607,34 @@ def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(mo
         warnings.simplefilter("ignore")
         est = MAPADensity(n_components=2, refine_iter=0, n_iter_no_change=10**6,
                           random_state=0).fit(X)
-    assert set(est.init_scores_) == {"spectral", "pca"}
-    # both candidates run the whole (300-step) first phase, stacked
-    assert stages == ["mapa-init[spectral, pca]", "mapa-rekernel"]
+    assert set(est.init_scores_) == {"spectral", "spectral-1d", "pca"}
+    # the candidates run the whole (300-step) first phase, stacked
+    assert stages == ["mapa-init[spectral, spectral-1d, pca]", "mapa-rekernel"]
     assert est.n_steps_ == 2 * 300
+
+
+def test_with_two_latent_dimensions_the_candidates_are_compared_by_likelihood(monkeypatch):
+    """Two moons with two latent dimensions: the graph's 2-D codes fold the
+    prior onto each moon and the PCA codes onto both, and the MAPA bound
+    cannot see it (it scores the atoms only). The candidates are compared by
+    the continuous model's estimated log-likelihood, which is what
+    ``init_scores_`` holds: with ``kernel='global'`` and no second phase the
+    kept candidate's run is the fitted model, and minus its score is a
+    64-draw importance-weighted bound on its mean log-likelihood over the
+    training rows, checked here against the quadrature of ``score_samples``."""
+    monkeypatch.setattr(mapa_module, "AUTO_MAX_STEPS", 1000)
+    X, _ = _moons(400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = MAPADensity(n_components=2, kernel="global", refine_iter=0,
+                          random_state=0).fit(X)
+    assert est.n_graph_components_ == 2
+    assert set(est.init_scores_) == {"components", "components-1d", "pca"}
+    best = min(est.init_scores_, key=est.init_scores_.get)
+    # quadrature, in standardized units (the training rows are all 400 rows)
+    log_px = est.score_samples(X) + np.log(est.scale_).sum()
+    assert -est.init_scores_[best] <= log_px.mean() + 0.01
+    assert -est.init_scores_[best] >= log_px.mean() - 0.1
 
 
 def test_refine_method_auto_and_its_checks():
