@@ -354,8 +354,9 @@ _COMMON_PARAMETERS = """
         and IWAE with fewer than 1000 rows (and enough for 10 validation
         rows; trained long on ~140 rows, they
         fell hundreds of nats below probabilistic PCA on held-out rows),
-        never for MAPA, whose fixed posterior regularises it. The choice
-        made is ``early_stopping_``.
+        never for MAPA, whose fixed posterior regularises it (its second
+        phase holds rows out on its own where measured to overfit, see
+        ``refine_iter``). The choice made is ``early_stopping_``.
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping`` is True.
     n_iter_no_change : int, default=10

@@ -46,6 +46,20 @@ REFINE_MAX_STEPS = 1000
 REFINE_VALIDATION_MIN_ROWS = 5000
 REFINE_VALIDATION_MAX_ROWS = 2000
 REFINE_VALIDATED_MAX_STEPS = 3000
+#: With two or more latent dimensions the second phase holds rows out the
+#: same way (up to ``REFINE_MAX_STEPS``) below ``REFINE_VALIDATION_BELOW_ROWS``
+#: rows where the first phase left at least ``REFINE_VALIDATION_MIN_NOISE`` of
+#: the standardized variance to the noise (mean of ``scale**2``). On the
+#: small noisy tables of the ``real`` suite (diabetes, star98, macrodata:
+#: 0.30-0.49 with two and four latent dimensions) the 16-draw bound fitted
+#: the training rows and fell below probabilistic PCA; held-out rows gained
+#: 0.2-1.3 nats per row with two latent dimensions. On curves and surfaces
+#: (below 0.11, iris 0.10-0.12) the held-out rows cost more than they saved
+#: (S-curve at 150 rows: -0.3 nats per row), and on digits (1198 rows) the
+#: phase did not overfit. Measured in docs/user_guide/mapa.rst ("How long the
+#: second phase runs").
+REFINE_VALIDATION_BELOW_ROWS = 1000
+REFINE_VALIDATION_MIN_NOISE = 0.2
 #: Importance samples per row of the second phase when
 #: ``refine_samples='auto'``, by latent dimension (beyond the last entry: the
 #: last). With two latent dimensions the MAPA mixture spreads over the 2-D
@@ -117,8 +131,12 @@ class MAPADensity(BaseDeepDensity):
         no ``early_stopping``, it holds ``validation_fraction`` of the rows
         (at most 2000) out of this phase (they stay atoms of the first),
         runs at most 3000 steps and keeps the state with the best held-out
-        bound (``validation_scores_``). An int is a number of epochs on all
-        rows; 0 skips the phase.
+        bound (``validation_scores_``). With more latent dimensions it holds
+        rows out the same way (at most 1000 steps) on fewer than 1000 rows
+        where the first phase left at least 20% of the standardized
+        variance to the noise (small noisy tables, where the phase
+        otherwise fits the training rows). An int is a number of epochs on
+        all rows; 0 skips the phase.
     refine_samples : 'auto' or int, default='auto'
         Importance samples per row in the second phase (each one decoder
         pass). 'auto' is 4 with ``n_components=1`` and 16 with more latent
@@ -703,7 +721,8 @@ class MAPADensity(BaseDeepDensity):
                            f"phase left {noise_variance:.3g} of the variance to the noise)")
         idx, log_q, w = self._train_stats
         del self._train_stats
-        return [self._refine_stage(data, idx, log_q, w)] if self.refine_iter != 0 else []
+        return ([self._refine_stage(data, idx, log_q, w, noise_variance)]
+                if self.refine_iter != 0 else [])
 
     def _refit_kernel(self):
         """Neighbours and weights of the training rows recomputed after phase 1."""
@@ -763,7 +782,19 @@ class MAPADensity(BaseDeepDensity):
         codes = self.codes_.detach()
         return codes[idx], self._atom_log_scales[idx], log_q
 
-    def _refine_stage(self, data, idx, log_q, w):
+    def _validates_refine(self, n_rows, noise_variance):
+        """Whether the second phase (``refine_iter='auto'``, no
+        ``early_stopping``) holds rows out and keeps its best held-out state:
+        with one latent dimension from ``REFINE_VALIDATION_MIN_ROWS`` rows;
+        with more, below ``REFINE_VALIDATION_BELOW_ROWS`` rows where the
+        first phase left at least ``REFINE_VALIDATION_MIN_NOISE`` of the
+        standardized variance to the noise."""
+        if self.n_components == 1:
+            return n_rows >= REFINE_VALIDATION_MIN_ROWS
+        return (n_rows < REFINE_VALIDATION_BELOW_ROWS
+                and noise_variance >= REFINE_VALIDATION_MIN_NOISE)
+
+    def _refine_stage(self, data, idx, log_q, w, noise_variance):
         device, dtype = self.device_, self._torch_dtype
         Xt = torch.as_tensor(self.X_fit_, device=device).to(dtype)
         idx_t = torch.as_tensor(idx, device=device)
@@ -778,15 +809,15 @@ class MAPADensity(BaseDeepDensity):
         if data.X_val is not None:
             val_idx, val_log_q = self._neighbour_proposal(data.X_val)
             held_out = (data.X_val, val_idx, val_log_q, data.weights_val)
-        elif (self.refine_iter == "auto" and self.n_components == 1
-                and n_rows >= REFINE_VALIDATION_MIN_ROWS):
+        elif self.refine_iter == "auto" and self._validates_refine(n_rows, noise_variance):
             # rows held out of this phase only: they stay atoms of the first
             n_val = min(int(math.ceil(self.validation_fraction * n_rows)),
                         REFINE_VALIDATION_MAX_ROWS)
             perm = torch.as_tensor(self._rng.permutation(n_rows), device=device)
             val_rows, rows = perm[:n_val], perm[n_val:].sort().values
             held_out = (Xt[val_rows], idx_t[val_rows], log_q_t[val_rows], w_t[val_rows])
-            max_steps = REFINE_VALIDATED_MAX_STEPS
+            if self.n_components == 1:
+                max_steps = REFINE_VALIDATED_MAX_STEPS
             if self.validation_scores_ is None:
                 self.validation_scores_ = []
 

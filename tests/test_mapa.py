@@ -699,3 +699,34 @@ def test_refine_grid_with_validation_and_sample_weight():
     assert est.refine_method_ == "grid"
     assert est.validation_scores_ and np.all(np.isfinite(est.validation_scores_))
     assert np.all(np.isfinite(est.score_samples(X)))
+
+
+def test_second_phase_holds_rows_out_on_small_noisy_tables(monkeypatch):
+    """With two or more latent dimensions, fewer than 1000 rows and a first
+    phase that left at least 20% of the variance to the noise, the second
+    phase keeps its best state on held-out rows (``validation_scores_``,
+    one per round); not on a curve, nor with one latent dimension, nor with
+    an int ``refine_iter``."""
+    monkeypatch.setattr(mapa_module, "AUTO_MAX_STEPS", 200)
+    monkeypatch.setattr(mapa_module, "REFINE_MAX_STEPS", 150)
+    rng = np.random.RandomState(0)
+    # a noisy table: two latent factors and noise of variance 0.5 per column
+    table = rng.randn(300, 2) @ rng.randn(2, 6) + np.sqrt(0.5) * rng.randn(300, 6)
+    table = (table - table.mean(0)) / table.std(0)
+    curve = make_spiral(300, random_state=0).X
+
+    def fit(X, **kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return MAPADensity(random_state=0, **kw).fit(X)
+
+    est = fit(table, n_components=2)
+    assert float(np.mean(est.noise_scale_**2 / est.scale_**2)) > 0.2
+    # one per round of the second phase
+    assert len(est.validation_scores_) == 150 // 50
+    assert np.all(np.isfinite(est.validation_scores_))
+    assert fit(table, n_components=2, refine_iter=5).validation_scores_ is None
+    assert fit(table, n_components=1).validation_scores_ is None
+    low_noise = fit(curve, n_components=2)
+    assert float(np.mean(low_noise.noise_scale_**2 / low_noise.scale_**2)) < 0.2
+    assert low_noise.validation_scores_ is None
