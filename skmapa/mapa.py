@@ -555,6 +555,8 @@ class MAPADensity(BaseDeepDensity):
         if self.n_components > 1:
             # the whole first phase ran: the continuous model decides
             scores = self._likelihood_scores(states)
+            # (with an epoch budget the winner trains again from the start)
+            decoder.load_state_dict(decoder_init)
             what = "estimated log-likelihood per row (negated)"
         else:
             scores = {name: float(ended[c][0] if c in ended else last[c])

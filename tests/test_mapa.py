@@ -730,3 +730,27 @@ def test_second_phase_holds_rows_out_on_small_noisy_tables(monkeypatch):
     low_noise = fit(curve, n_components=2)
     assert float(np.mean(low_noise.noise_scale_**2 / low_noise.scale_**2)) < 0.2
     assert low_noise.validation_scores_ is None
+
+
+def test_with_an_epoch_budget_the_winner_restarts_from_the_decoder_initialisation(monkeypatch):
+    # comparing the candidates by likelihood loads each one's trained
+    # decoder; with an epoch budget the winner's first phase starts again
+    # from the shared initialisation (its own linear start on top)
+    run_stage = MAPADensity._run_stage
+    seen = {}
+
+    def spy(self, stage, generator, monitor=True):
+        key = "init" if stage.name.startswith("mapa-init") else stage.name
+        seen.setdefault(key, {k: v.clone() for k, v in self.decoder_.state_dict().items()})
+        return run_stage(self, stage, generator, monitor)
+
+    monkeypatch.setattr(MAPADensity, "_run_stage", spy)
+    X = make_manifold(200, n_latent=2, n_features=3, random_state=0).X
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = MAPADensity(n_components=2, max_iter=3, refine_iter=0, kernel="global",
+                          random_state=0).fit(X)
+    assert len(est.init_scores_) == 3
+    hidden = "mean_net.net.0.weight"
+    stacked = seen["init"]["weights.0"]  # (models, out, in): the trials' start
+    torch.testing.assert_close(seen["mapa"][hidden], stacked[0], rtol=0, atol=0)
