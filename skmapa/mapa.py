@@ -16,8 +16,8 @@ from ._base import (AUTO_MAX_STEPS, INIT_SELECTION_ROWS, BaseDeepDensity, Traini
                     fill_doc)
 from ._linear import regression_start
 from ._networks import GaussianDecoder, StackedDecoders, build
-from ._scoring import (CHUNK_ELEMENTS, add_prior_component, mixture_importance_log_px,
-                       stratified_prior_log_px)
+from ._scoring import (add_prior_component, importance_chunk_rows,
+                       mixture_importance_log_px, stratified_prior_log_px)
 
 
 #: Codes train with SparseAdam above this many atoms, with dense Adam
@@ -590,7 +590,9 @@ class MAPADensity(BaseDeepDensity):
         log_q_t = torch.as_tensor(log_q[rows], device=device).to(dtype)
         weights = w[rows] / w[rows].sum()
         width = max([*map(int, self.hidden_layer_sizes), x.shape[1]])
-        chunk = max(1, CHUNK_ELEMENTS // (SELECTION_DRAWS * width))
+        # the proposal: the row's neighbours and the prior
+        chunk = importance_chunk_rows(SELECTION_DRAWS, idx.shape[1] + 1, self.n_components,
+                                      width, device)
         generator = torch.Generator()
         scores = {}
         with torch.no_grad():
