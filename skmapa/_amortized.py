@@ -25,7 +25,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import INIT_SELECTION_ROWS, BaseDeepDensity, TrainingStage
+from ._base import AVERAGE_DECAY, INIT_SELECTION_ROWS, BaseDeepDensity, TrainingStage
 from ._mixture_encoder import MixtureEncoder
 from ._networks import DetachedDecoder, GaussianDecoder, GaussianEncoder, build
 from ._objectives import prior_marginal_bound, recursive_component_criterion
@@ -312,7 +312,8 @@ class AmortizedDensity(BaseDeepDensity):
                 return -(data.weights_val * value).mean()
 
         return TrainingStage(name, data.X.shape[0], batch_loss, list(parameters),
-                             self.max_iter, validation, before=before)
+                             self.max_iter, validation, before=before,
+                             average_decay=AVERAGE_DECAY)
 
     def _training_stages(self, data):
         first = self._first_encoder()

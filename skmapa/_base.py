@@ -8,6 +8,7 @@ training stages and its importance-sampling proposal through a handful of
 small hooks, in the manner of scikit-learn's ``BaseMixture``.
 """
 
+import contextlib
 import copy
 import math
 import time
@@ -58,6 +59,12 @@ from ._utils import (
 
 #: Largest gradient norm before clipping.
 MAX_GRAD_NORM = 10.0
+#: Decay of the moving average of the parameters that MAPA's second phase
+#: and the VAE's and IWAE's stages end with (Polyak averaging, about the last
+#: 100 steps; ``TrainingStage.average_decay``). Measured in
+#: docs/user_guide/mapa.rst ("The second phase ends with the average of its
+#: last steps").
+AVERAGE_DECAY = 0.99
 #: How many times an epoch with a non-finite loss is retried at half the step.
 MAX_RECOVERIES = 6
 #: Grid points per latent dimension of the plain 2-D reference grid.
@@ -175,6 +182,50 @@ class _FusedAdam:
         self.param_groups[0]["lr"] = state["lr"]
 
 
+class _ParameterAverage:
+    """An exponential moving average of parameters (Polyak averaging).
+
+    ``update()`` after each optimizer step; the decay ramps up as
+    ``min(decay, (1 + t) / (10 + t))`` over the first steps ``t``, so the
+    average forgets the stage's start. ``swapped()`` puts the average in
+    the parameters for the duration of a ``with`` block; ``apply()`` puts
+    it there for good.
+    """
+
+    def __init__(self, params, decay):
+        self.params, self.decay = list(params), float(decay)
+        self.reset()
+
+    def reset(self):
+        """Start again from the parameters' current values."""
+        self.average = [p.detach().clone() for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.steps += 1
+        weight = 1.0 - min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
+        for a, p in zip(self.average, self.params):
+            a.lerp_(p.detach(), weight)
+
+    @torch.no_grad()
+    def apply(self):
+        for a, p in zip(self.average, self.params):
+            p.copy_(a)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
+            self.apply()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for c, p in zip(current, self.params):
+                    p.copy_(c)
+
+
 def _clone(state):
     """A deep copy of a (module or optimizer) state dict whose tensors are
     cloned directly: a fifth of ``copy.deepcopy``'s time, which a fit pays
@@ -281,6 +332,11 @@ class TrainingStage:
     max_steps: int = AUTO_MAX_STEPS
     #: The estimator parameter that sets this stage's budget (for messages).
     budget_param: str = "max_iter"
+    #: Polyak averaging: when set, the stage keeps an exponential moving
+    #: average of its dense parameters with this decay (``_ParameterAverage``),
+    #: judges its held-out rows on the average, and ends with the average in
+    #: the parameters.
+    average_decay: Optional[float] = None
     #: Set by the training loop: the best state seen under early stopping,
     #: restored if the stage is interrupted.
     best_snapshot: Optional[tuple] = None
@@ -865,8 +921,19 @@ class BaseDeepDensity(
         The stage runs in rounds: one epoch each when its budget is a number
         of epochs, ``WINDOW_STEPS`` optimizer steps each (across epoch
         boundaries) when it is 'auto', with at most ``stage.max_steps`` steps.
-        Convergence is judged once per round.
+        Convergence is judged once per round. With ``stage.average_decay``
+        the stage ends with the average of its parameters.
         """
+        average = None
+        if stage.average_decay is not None:
+            average = _ParameterAverage(
+                [p for p in stage.parameters if p.requires_grad], stage.average_decay)
+        result = self._run_rounds(stage, generator, monitor, average)
+        if average is not None and average.steps:
+            average.apply()
+        return result
+
+    def _run_rounds(self, stage, generator, monitor, average):
         params = [p for p in stage.parameters if p.requires_grad]
         sparse = [p for p in stage.sparse_parameters if p.requires_grad]
         lr = self.learning_rate_init
@@ -932,6 +999,8 @@ class BaseDeepDensity(
                     finite = False
                     break
                 optimizer.step()
+                if average is not None:
+                    average.update()
                 report = (float(report) if stage.n_models == 1
                           else report.detach().cpu().double().numpy())
                 total += report * idx.numel()
@@ -940,6 +1009,8 @@ class BaseDeepDensity(
             if not finite:
                 recoveries += 1
                 self._restore(good, optimizer)
+                if average is not None:
+                    average.reset()
                 queue, epochs_done = [], epochs_before
                 if recoveries > MAX_RECOVERIES:
                     raise FloatingPointError(
@@ -969,12 +1040,14 @@ class BaseDeepDensity(
             # so that one lucky round cannot stop training.
             metric = np.mean(stage_losses[-self.n_iter_no_change:], axis=0)
             if monitor_val:
-                with torch.no_grad():
+                # (with averaging: the average is what the stage ends with)
+                with torch.no_grad(), (average.swapped() if average is not None
+                                       else contextlib.nullcontext()):
                     val = float(stage.validation_loss())
+                    if val < best:
+                        best_snapshot = stage.best_snapshot = self._snapshot(None)
                 self.validation_scores_.append(-val)
                 metric = val
-                if val < best:
-                    best_snapshot = stage.best_snapshot = self._snapshot(None)
             if self.verbose and rounds % max(int(self.verbose), 1) == 0:
                 # time left if the whole budget runs (convergence may stop sooner)
                 left = (time.perf_counter() - stage_start) * (max_steps - steps) / steps

@@ -353,8 +353,9 @@ def spectral_codes(X, idx, log_q, n_components, rng):
     return emb + 1e-9 * rng.standard_normal(emb.shape)
 
 
-def first_coordinate_codes(codes, rng):
-    """The first coordinate of ``codes``, the others drawn from N(0, 1).
+def first_coordinate_codes(first, n_components, rng):
+    """Codes with ``first`` (one value per row) as their first coordinate and
+    the other ``n_components - 1`` drawn from N(0, 1).
 
     A start for more latent dimensions than the neighbour graph identifies:
     on a curve (two moons with two latent dimensions) a graph embedding's
@@ -364,9 +365,8 @@ def first_coordinate_codes(codes, rng):
     decoder as the curve's model and leave those coordinates for the second
     phase to use.
     """
-    out = np.array(codes, dtype=np.float64, copy=True)
-    out[:, 1:] = rng.standard_normal((out.shape[0], out.shape[1] - 1))
-    return out
+    first = np.asarray(first, dtype=np.float64).reshape(-1, 1)
+    return np.hstack([first, rng.standard_normal((len(first), n_components - 1))])
 
 
 def pca_codes(X, weights, n_components, rng):
@@ -393,8 +393,12 @@ def angle_codes(X, idx, log_q, n_components, rng):
     vector of a loop is cos(theta)); the angle of the first two coordinates
     unrolls it, at the price of one cut. ``n_components`` must be 1.
     """
-    emb = spectral_codes(X, idx, log_q, 2, rng)
-    return np.arctan2(emb[:, 1], emb[:, 0])[:, None]
+    return embedding_angle(spectral_codes(X, idx, log_q, 2, rng))
+
+
+def embedding_angle(embedding):
+    """The angle of an embedding's first two coordinates, as a column."""
+    return np.arctan2(embedding[:, 1], embedding[:, 0])[:, None]
 
 
 #: Embeddings of a connected graph, by name (see graph_codes).

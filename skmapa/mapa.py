@@ -12,8 +12,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _mapa
-from ._base import (AUTO_MAX_STEPS, INIT_SELECTION_ROWS, BaseDeepDensity, TrainingStage,
-                    fill_doc)
+from ._base import (AUTO_MAX_STEPS, AVERAGE_DECAY, INIT_SELECTION_ROWS, BaseDeepDensity,
+                    TrainingStage, fill_doc)
 from ._linear import regression_start
 from ._networks import GaussianDecoder, StackedDecoders, build
 from ._scoring import (add_prior_component, importance_chunk_rows,
@@ -136,7 +136,9 @@ class MAPADensity(BaseDeepDensity):
         where the first phase left at least 20% of the standardized
         variance to the noise (small noisy tables, where the phase
         otherwise fits the training rows). An int is a number of epochs on
-        all rows; 0 skips the phase.
+        all rows; 0 skips the phase. The phase ends with an exponential
+        moving average of the decoder's parameters over its steps (about
+        its last 100), and held-out rows judge that average.
     refine_samples : 'auto' or int, default='auto'
         Importance samples per row in the second phase (each one decoder
         pass). 'auto' is 4 with ``n_components=1`` and 16 with more latent
@@ -204,12 +206,14 @@ class MAPADensity(BaseDeepDensity):
         phase with more), by name: 'spectral' (spectral embedding of the
         MAPA graph), 'angle' (``n_components=1``: angle of the 2-D spectral
         embedding), 'spectral-1d' (``n_components >= 2``: the spectral
-        codes' first coordinate, the others drawn from the prior) and 'pca'
+        codes' first coordinate, the others drawn from the prior),
+        'angle-1d' (``n_components >= 2``: the angle of the spectral codes'
+        first two coordinates, the others drawn from the prior) and 'pca'
         (``init='auto'`` or 'pca': principal components); on a disconnected
         neighbour graph 'components', 'components-angle' and
         'components-1d' replace 'spectral', 'angle' and 'spectral-1d' (the
         same embeddings of each connected component, the components laid
-        out side by side in the prior). The score is the negative MAPA bound
+        out side by side in the prior; no 'angle-1d' there). The score is the negative MAPA bound
         with ``n_components=1``, and with more the negative estimated
         log-likelihood per row of the continuous model (a 64-draw
         importance-weighted bound on up to 1000 training rows, standardized
@@ -463,13 +467,23 @@ class MAPADensity(BaseDeepDensity):
 
     def _with_first_coordinate(self, candidates, rng):
         """With more than one latent dimension, each graph candidate also
-        with its first coordinate only (``_mapa.first_coordinate_codes``),
-        as '<name>-1d'."""
-        if self.n_components == 1:
+        with its first coordinate only, the others drawn from the prior
+        (``_mapa.first_coordinate_codes``), as '<name>-1d'; on a connected
+        graph also the angle of the spectral embedding's first two
+        coordinates (the 'angle' start of one latent dimension), as
+        'angle-1d'."""
+        d = self.n_components
+        if d == 1:
             return candidates
         out = dict(candidates)
         for name, codes in candidates.items():
-            out[f"{name}-1d"] = _mapa.first_coordinate_codes(codes, rng)
+            out[f"{name}-1d"] = _mapa.first_coordinate_codes(codes[:, 0], d, rng)
+        if "spectral" in candidates:
+            # where the graph is connected through a narrow bridge (two moons
+            # at 10^4 rows) the first spectral coordinate tells the pieces
+            # apart and is flat along each; the angle goes along both
+            out["angle-1d"] = _mapa.first_coordinate_codes(
+                _mapa.embedding_angle(candidates["spectral"]), d, rng)
         return out
 
     def _start_from(self, codes, w, linear):
@@ -850,6 +864,7 @@ class MAPADensity(BaseDeepDensity):
             before=self._update_atom_scales,
             max_steps=max_steps,
             budget_param="refine_iter",
+            average_decay=AVERAGE_DECAY,
         )
 
     def _refine_bound(self, x, idx, log_q, generator):

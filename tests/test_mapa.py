@@ -149,9 +149,9 @@ def test_first_coordinate_codes_keep_the_first_and_draw_the_rest():
     rng = np.random.RandomState(0)
     t = rng.uniform(-1, 1, 4000)
     codes = np.c_[t, t**2, np.cos(3 * t)]  # further coordinates along the curve
-    out = _mapa.first_coordinate_codes(codes, rng)
-    assert np.array_equal(out[:, 0], codes[:, 0])
-    assert np.array_equal(codes[:, 1], t**2)  # the input is not modified
+    out = _mapa.first_coordinate_codes(codes[:, 0], 3, rng)
+    assert out.shape == (4000, 3)
+    assert np.array_equal(out[:, 0], t)
     for j in (1, 2):
         assert stats.kstest(out[:, j], "norm").pvalue > 1e-3
         # independent of where the row is on the curve
@@ -607,9 +607,9 @@ def test_with_two_latent_dimensions_each_candidate_runs_the_whole_first_phase(mo
         warnings.simplefilter("ignore")
         est = MAPADensity(n_components=2, refine_iter=0, n_iter_no_change=10**6,
                           random_state=0).fit(X)
-    assert set(est.init_scores_) == {"spectral", "spectral-1d", "pca"}
+    assert set(est.init_scores_) == {"spectral", "spectral-1d", "angle-1d", "pca"}
     # the candidates run the whole (300-step) first phase, stacked
-    assert stages == ["mapa-init[spectral, spectral-1d, pca]", "mapa-rekernel"]
+    assert stages == ["mapa-init[spectral, spectral-1d, angle-1d, pca]", "mapa-rekernel"]
     assert est.n_steps_ == 2 * 300
 
 
@@ -750,7 +750,7 @@ def test_with_an_epoch_budget_the_winner_restarts_from_the_decoder_initialisatio
         warnings.simplefilter("ignore")
         est = MAPADensity(n_components=2, max_iter=3, refine_iter=0, kernel="global",
                           random_state=0).fit(X)
-    assert len(est.init_scores_) == 3
+    assert len(est.init_scores_) == 4
     hidden = "mean_net.net.0.weight"
     stacked = seen["init"]["weights.0"]  # (models, out, in): the trials' start
     torch.testing.assert_close(seen["mapa"][hidden], stacked[0], rtol=0, atol=0)

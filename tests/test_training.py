@@ -426,3 +426,49 @@ def test_each_stacked_model_converges_on_its_own():
     assert float(p.detach()[1, 0]) == pytest.approx(20.0, abs=0.1)
     assert len(stage.round_losses) == est.n_steps_ // WINDOW_STEPS
     assert np.shape(stage.round_losses[0]) == (2,)
+
+
+
+def _noisy_quadratic_stage(average_decay, iterates):
+    """A stage on a noisy quadratic with its minimum at 3 in each of 400
+    coordinates; ``iterates`` collects the parameters before each step."""
+    p = torch.nn.Parameter(torch.zeros(400, dtype=torch.float64))
+
+    def batch_loss(idx, generator):
+        iterates.append(p.detach().clone())
+        target = 3.0 + torch.randn(400, generator=generator, dtype=torch.float64)
+        loss = 0.5 * ((p - target) ** 2).sum()
+        return loss, loss.detach()
+
+    return p, TrainingStage("noisy", 1, batch_loss, [p], 1000, average_decay=average_decay)
+
+
+def test_a_stage_with_averaging_ends_with_the_average_of_its_iterates():
+    """Adam's last iterate jitters around the minimum by about its step size;
+    a stage with ``average_decay`` ends with the exponential moving average
+    of its iterates (the same path: averaging does not change the steps),
+    which is much closer."""
+    runs = {}
+    for decay in (None, 0.99):
+        est = MAPADensity(learning_rate_init=0.05, batch_size=1, n_iter_no_change=10**6)
+        est.device_, est.n_steps_, est.n_iter_ = torch.device("cpu"), 0, 0
+        est.loss_curve_, est.validation_scores_ = [], None
+        iterates = []
+        p, stage = _noisy_quadratic_stage(decay, iterates)
+        est._run_stage(stage, torch.Generator().manual_seed(0))
+        runs[decay] = (p.detach().clone(), iterates)
+    last, iterates = runs[None]
+    assert len(iterates) == 1000
+    for a, b in zip(iterates, runs[0.99][1]):
+        assert torch.equal(a, b)
+    # the recurrence over the iterates after each step, with its ramp-up
+    expected = iterates[0].clone()
+    for t, x in enumerate(iterates[1:] + [last], start=1):
+        weight = 1.0 - min(0.99, (1.0 + t) / (10.0 + t))
+        expected += weight * (x - expected)
+    average = runs[0.99][0]
+    torch.testing.assert_close(average, expected)
+    last_error = float(((last - 3.0) ** 2).mean())
+    assert last_error > 1e-4
+    # (measured: 0.2 of the last iterate's squared error)
+    assert float(((average - 3.0) ** 2).mean()) < 0.3 * last_error
