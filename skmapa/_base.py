@@ -397,7 +397,10 @@ _COMMON_PARAMETERS = """
         4000 steps stops there without a warning (the cap is part of the
         default, see ``converged_``). An int is a number of epochs (passes
         over the training units), judged once per epoch; a stage that uses
-        them all issues a ConvergenceWarning.
+        them all issues a ConvergenceWarning. The VAE's and IWAE's stages
+        and MAPA's second phase end with a moving average of their
+        parameters over about their last 100 steps (Polyak averaging), not
+        the last step's.
     tol : float, default=1e-4
         A round improves when the monitored loss drops below the best seen
         by more than ``tol``: the mean training loss over the last
