@@ -213,11 +213,11 @@ class MAPADensity(BaseDeepDensity):
         neighbour graph 'components', 'components-angle' and
         'components-1d' replace 'spectral', 'angle' and 'spectral-1d' (the
         same embeddings of each connected component, the components laid
-        out side by side in the prior; no 'angle-1d' there). The score is the negative MAPA bound
-        with ``n_components=1``, and with more the negative estimated
-        log-likelihood per row of the continuous model (a 64-draw
-        importance-weighted bound on up to 1000 training rows, standardized
-        units). The lowest is kept. None when there was one candidate, or no
+        out side by side in the prior; no 'angle-1d' there). The score is
+        the negative MAPA bound with ``n_components=1``, and with more the
+        negative estimated log-likelihood per row of the continuous model (a
+        64-draw importance-weighted bound on up to 1000 training rows,
+        standardized units). The lowest is kept. None when there was one candidate, or no
         budget (``max_iter=0``) to compare them.
     n_graph_components_ : int
         Connected components of the symmetrised neighbour graph of the
@@ -480,8 +480,10 @@ class MAPADensity(BaseDeepDensity):
             out[f"{name}-1d"] = _mapa.first_coordinate_codes(codes[:, 0], d, rng)
         if "spectral" in candidates:
             # where the graph is connected through a narrow bridge (two moons
-            # at 10^4 rows) the first spectral coordinate tells the pieces
-            # apart and is flat along each; the angle goes along both
+            # at 10^4 rows) the first spectral coordinate is nearly the piece
+            # indicator, its spread along each piece small enough for the
+            # joint matching to the prior to scramble; the angle goes along
+            # both
             out["angle-1d"] = _mapa.first_coordinate_codes(
                 _mapa.embedding_angle(candidates["spectral"]), d, rng)
         return out
