@@ -33,19 +33,28 @@ SELECTION_DRAWS = 64
 
 #: Step budget of the second phase when ``refine_iter='auto'``.
 REFINE_MAX_STEPS = 1000
+#: With one latent dimension the 'auto' budget of the second phase grows
+#: with the rows: ``REFINE_EPOCHS_1D`` epochs, at least ``REFINE_MAX_STEPS``
+#: and at most ``REFINE_MAX_STEPS_1D`` steps (``_refine_max_steps``). So it
+#: is 1000 steps up to 1000 rows, 2000 at 2000 rows and 3000 from about 2350.
+#: Measured in docs/user_guide/mapa.rst ("How long the second phase runs"):
+#: at 2000 rows the KL of the absolute value and the two clusters fell 2-3x
+#: (the others within noise); at 150 rows a phase of 128 epochs (150 steps)
+#: was worse on four curves and one of 3000 steps overfitted, and at 1000
+#: rows 3000 steps overfitted a curve in 50 dimensions (KL +0.03).
+REFINE_EPOCHS_1D = 128
+REFINE_MAX_STEPS_1D = 3000
 #: With ``refine_iter='auto'``, one latent dimension, at least this many
 #: training rows and no ``early_stopping``, ``validation_fraction`` of the rows
 #: (at most ``REFINE_VALIDATION_MAX_ROWS``) are held out of the second phase
-#: only (they stay atoms of the first), the phase runs up to
-#: ``REFINE_VALIDATED_MAX_STEPS`` steps and keeps the state whose held-out
-#: bound is best. Measured in docs/user_guide/mapa.rst ("How long the second
-#: phase runs"): 2-3x lower KL on 5000-row curves; mixed at 2000 rows (it
-#: depended on which rows were held out), worse at 300 and 1000 rows, where
-#: the held-out rows cost more than the longer phase gains, and with two
-#: latent dimensions (S-curve, swiss roll).
+#: only (they stay atoms of the first), and the phase keeps the state whose
+#: held-out bound is best. Measured in docs/user_guide/mapa.rst ("How long
+#: the second phase runs"): 2-3x lower KL on 5000-row curves; mixed at 2000
+#: rows (it depended on which rows were held out), worse at 300 and 1000
+#: rows, where the held-out rows cost more than the longer phase gains, and
+#: with two latent dimensions (S-curve, swiss roll).
 REFINE_VALIDATION_MIN_ROWS = 5000
 REFINE_VALIDATION_MAX_ROWS = 2000
-REFINE_VALIDATED_MAX_STEPS = 3000
 #: With two or more latent dimensions the second phase holds rows out the
 #: same way (up to ``REFINE_MAX_STEPS``) below ``REFINE_VALIDATION_BELOW_ROWS``
 #: rows where the first phase left at least ``REFINE_VALIDATION_MIN_NOISE`` of
@@ -127,11 +136,12 @@ class MAPADensity(BaseDeepDensity):
     refine_iter : 'auto' or int, default='auto'
         Budget of the second phase (importance-weighted bound with the MAPA
         mixture as proposal, MAPA still fixed): 'auto' is at most 1000
-        optimizer steps; with one latent dimension, 5000 rows or more and
-        no ``early_stopping``, it holds ``validation_fraction`` of the rows
-        (at most 2000) out of this phase (they stay atoms of the first),
-        runs at most 3000 steps and keeps the state with the best held-out
-        bound (``validation_scores_``). With more latent dimensions it holds
+        optimizer steps; with one latent dimension at most 128 epochs,
+        between 1000 and 3000 steps (1000 up to 1000 rows, 3000 from about
+        2350), and with 5000 rows or more and no ``early_stopping`` it holds
+        ``validation_fraction`` of the rows (at most 2000) out of this phase
+        (they stay atoms of the first) and keeps the state with the best
+        held-out bound (``validation_scores_``). With more latent dimensions it holds
         rows out the same way (at most 1000 steps) on fewer than 1000 rows
         where the first phase left at least 20% of the standardized
         variance to the noise (small noisy tables, where the phase
@@ -802,6 +812,16 @@ class MAPADensity(BaseDeepDensity):
         codes = self.codes_.detach()
         return codes[idx], self._atom_log_scales[idx], log_q
 
+    def _refine_max_steps(self, n_rows):
+        """Step budget of the second phase with ``refine_iter='auto'``:
+        ``REFINE_MAX_STEPS``; with one latent dimension the steps of
+        ``REFINE_EPOCHS_1D`` passes over ``n_rows`` rows, clipped to
+        ``[REFINE_MAX_STEPS, REFINE_MAX_STEPS_1D]``."""
+        if self.n_components != 1:
+            return REFINE_MAX_STEPS
+        steps = math.ceil(REFINE_EPOCHS_1D * n_rows / self._batch_size(n_rows))
+        return int(np.clip(steps, REFINE_MAX_STEPS, REFINE_MAX_STEPS_1D))
+
     def _validates_refine(self, n_rows, noise_variance):
         """Whether the second phase (``refine_iter='auto'``, no
         ``early_stopping``) holds rows out and keeps its best held-out state:
@@ -823,7 +843,7 @@ class MAPADensity(BaseDeepDensity):
 
         n_rows = Xt.shape[0]
         rows = torch.arange(n_rows, device=device)
-        max_steps = REFINE_MAX_STEPS
+        max_steps = self._refine_max_steps(n_rows)
         # the rows the validation bound is taken on: (x, idx, log q, weights)
         held_out = None
         if data.X_val is not None:
@@ -836,8 +856,6 @@ class MAPADensity(BaseDeepDensity):
             perm = torch.as_tensor(self._rng.permutation(n_rows), device=device)
             val_rows, rows = perm[:n_val], perm[n_val:].sort().values
             held_out = (Xt[val_rows], idx_t[val_rows], log_q_t[val_rows], w_t[val_rows])
-            if self.n_components == 1:
-                max_steps = REFINE_VALIDATED_MAX_STEPS
             if self.validation_scores_ is None:
                 self.validation_scores_ = []
 

@@ -517,6 +517,29 @@ def test_refine_samples_auto_by_latent_dimension():
     assert est.refine_samples_ == 2
 
 
+def test_second_phase_budget_grows_with_the_rows_in_one_latent_dimension(monkeypatch):
+    """'auto': ``REFINE_EPOCHS_1D`` epochs clipped to ``[REFINE_MAX_STEPS,
+    REFINE_MAX_STEPS_1D]`` with one latent dimension, ``REFINE_MAX_STEPS``
+    with more; the fitted phase runs that many steps when nothing stops it."""
+    def budget(n_rows, n_components=1, **kw):
+        return MAPADensity(n_components=n_components, **kw)._refine_max_steps(n_rows)
+
+    assert budget(150) == budget(1000) == mapa_module.REFINE_MAX_STEPS == 1000
+    assert budget(2000) == 2000  # 128 passes over 2000 rows in batches of 128
+    assert budget(10**4) == budget(10**6) == mapa_module.REFINE_MAX_STEPS_1D == 3000
+    assert budget(1000, batch_size=64) == 2000
+    assert budget(2000, n_components=2) == budget(10**4, n_components=3) == 1000
+
+    monkeypatch.setattr(mapa_module, "REFINE_EPOCHS_1D", 4)
+    monkeypatch.setattr(mapa_module, "REFINE_MAX_STEPS", 20)
+    X = make_spiral(600, random_state=0).X
+    kw = dict(n_components=1, max_iter=2, batch_size=32, tol=0.0, n_iter_no_change=10**9,
+              random_state=0)
+    without = MAPADensity(refine_iter=0, **kw).fit(X)
+    with_auto = MAPADensity(**kw).fit(X)
+    assert with_auto.n_steps_ - without.n_steps_ == 75  # 4 passes over 600 rows, batches of 32
+
+
 def test_more_refine_samples_shrink_the_noise_of_a_surface():
     """With a 2-D latent a 4-sample bound with the MAPA proposal is loose and
     keeps the noise high; 'auto' (16 samples) brings it down towards the
