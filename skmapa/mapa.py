@@ -40,8 +40,9 @@ REFINE_MAX_STEPS = 1000
 #: Measured in docs/user_guide/mapa.rst ("How long the second phase runs"):
 #: at 2000 rows the KL of the absolute value and the two clusters fell 2-3x
 #: (the others within noise); at 150 rows a phase of 128 epochs (150 steps)
-#: was worse on four curves and one of 3000 steps overfitted, and at 1000
-#: rows 3000 steps overfitted a curve in 50 dimensions (KL +0.03).
+#: left the noise high (the spiral's KL doubled) and one of 3000 steps
+#: overfitted, and at 1000 rows 3000 steps overfitted a curve in 50
+#: dimensions (KL +0.03).
 REFINE_EPOCHS_1D = 128
 REFINE_MAX_STEPS_1D = 3000
 #: With ``refine_iter='auto'``, one latent dimension, at least this many
