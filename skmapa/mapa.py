@@ -34,12 +34,12 @@ SELECTION_DRAWS = 64
 #: Step budget of the second phase when ``refine_iter='auto'``.
 REFINE_MAX_STEPS = 1000
 #: With one latent dimension the 'auto' budget of the second phase grows
-#: with the rows: ``REFINE_EPOCHS_1D`` epochs, at least ``REFINE_MAX_STEPS``
+#: with the rows: ``REFINE_EPOCHS_1D`` passes, at least ``REFINE_MAX_STEPS``
 #: and at most ``REFINE_MAX_STEPS_1D`` steps (``_refine_max_steps``). So it
 #: is 1000 steps up to 1000 rows, 2000 at 2000 rows and 3000 from about 2350.
 #: Measured in docs/user_guide/mapa.rst ("How long the second phase runs"):
 #: at 2000 rows the KL of the absolute value and the two clusters fell 2-3x
-#: (the others within noise); at 150 rows a phase of 128 epochs (150 steps)
+#: (the others within 0.01); at 150 rows a phase of 128 epochs (150 steps)
 #: left the noise high (the spiral's KL doubled) and one of 3000 steps
 #: overfitted, and at 1000 rows 3000 steps overfitted a curve in 50
 #: dimensions (KL +0.03).
@@ -137,12 +137,13 @@ class MAPADensity(BaseDeepDensity):
     refine_iter : 'auto' or int, default='auto'
         Budget of the second phase (importance-weighted bound with the MAPA
         mixture as proposal, MAPA still fixed): 'auto' is at most 1000
-        optimizer steps; with one latent dimension at most 128 epochs,
-        between 1000 and 3000 steps (1000 up to 1000 rows, 3000 from about
-        2350), and with 5000 rows or more and no ``early_stopping`` it holds
-        ``validation_fraction`` of the rows (at most 2000) out of this phase
-        (they stay atoms of the first) and keeps the state with the best
-        held-out bound (``validation_scores_``). With more latent dimensions it holds
+        optimizer steps; with one latent dimension 128 passes over the
+        rows, at least 1000 and at most 3000 steps (1000 up to 1000 rows,
+        3000 from about 2350), and with 5000 rows or more and no
+        ``early_stopping`` it holds ``validation_fraction`` of the rows (at
+        most 2000) out of this phase (they stay atoms of the first) and
+        keeps the state with the best held-out bound
+        (``validation_scores_``). With more latent dimensions it holds
         rows out the same way (at most 1000 steps) on fewer than 1000 rows
         where the first phase left at least 20% of the standardized
         variance to the noise (small noisy tables, where the phase
