@@ -229,8 +229,8 @@ class MAPADensity(BaseDeepDensity):
         the negative MAPA bound with ``n_components=1``, and with more the
         negative estimated log-likelihood per row of the continuous model (a
         64-draw importance-weighted bound on up to 1000 training rows,
-        standardized units). The lowest is kept. None when there was one candidate, or no
-        budget (``max_iter=0``) to compare them.
+        standardized units). The lowest is kept. None when there was one
+        candidate, or no budget (``max_iter=0``) to compare them.
     n_graph_components_ : int
         Connected components of the symmetrised neighbour graph of the
         training rows (1: connected).

@@ -518,9 +518,10 @@ def test_refine_samples_auto_by_latent_dimension():
 
 
 def test_second_phase_budget_grows_with_the_rows_in_one_latent_dimension(monkeypatch):
-    """'auto': ``REFINE_EPOCHS_1D`` epochs clipped to ``[REFINE_MAX_STEPS,
-    REFINE_MAX_STEPS_1D]`` with one latent dimension, ``REFINE_MAX_STEPS``
-    with more; the fitted phase runs that many steps when nothing stops it."""
+    """'auto': the steps of ``REFINE_EPOCHS_1D`` passes, clipped to
+    ``[REFINE_MAX_STEPS, REFINE_MAX_STEPS_1D]``, with one latent dimension;
+    ``REFINE_MAX_STEPS`` with more; the fitted phase runs that many steps
+    when nothing stops it."""
     def budget(n_rows, n_components=1, **kw):
         return MAPADensity(n_components=n_components, **kw)._refine_max_steps(n_rows)
 
