@@ -158,9 +158,15 @@ def mixture_importance_log_px(x, decoder, means, log_stds, log_weights, eps, u0,
     estimate of p(x) is unbiased over the base draws and the assignment
     offset.
     """
-    z, log_q = mixture_draws(means, log_stds, log_weights, eps, u0)
-    log_w = decoder.log_prob(x.unsqueeze(1), z) + standard_normal_log_prob(z) - log_q
+    _, log_w = mixture_importance_weights(x, decoder, means, log_stds, log_weights, eps, u0)
     return log_mean_weights(log_w, return_error)
+
+
+def mixture_importance_weights(x, decoder, means, log_stds, log_weights, eps, u0):
+    """The draws ``z`` (n, S, d) of ``mixture_importance_log_px`` and their
+    log importance weights ``log p(x, z) - log q(z)`` (n, S)."""
+    z, log_q = mixture_draws(means, log_stds, log_weights, eps, u0)
+    return z, decoder.log_prob(x.unsqueeze(1), z) + standard_normal_log_prob(z) - log_q
 
 
 def stratified_prior_log_px(x, decoder, n_per_dim, u):

@@ -190,9 +190,9 @@ def test_mapa_second_phase_holds_out_rows_from_5000_rows_with_one_latent_dim(
     seen = []
     bound = mapa.MAPADensity._refine_bound
 
-    def spy(self, x, idx, log_q, generator):
+    def spy(self, x, idx, log_q, generator, rows=None):
         seen.append(x.shape[0])
-        return bound(self, x, idx, log_q, generator)
+        return bound(self, x, idx, log_q, generator, rows=rows)
 
     monkeypatch.setattr(mapa.MAPADensity, "_refine_bound", spy)
     est = MAPADensity(n_components=n_components, max_iter=0, refine_iter=refine_iter,
