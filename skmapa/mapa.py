@@ -79,14 +79,15 @@ REFINE_VALIDATION_MIN_NOISE = 0.2
 #: the noise stayed 1.8 times the truth on ``make_manifold`` (2-D surface in
 #: 10 dimensions; held-out KL 2.28 nats at 4 samples, 0.92 at 16, 0.64 at 64).
 REFINE_SAMPLES_AUTO = (4, 16)
-#: With ``refine_proposal='auto'`` the second phase's proposal learns each
-#: training row's posterior (``RowProposal``) with two or more latent
-#: dimensions where the first phase left less than this share of the
-#: standardized variance to the noise. There the posterior is much narrower
-#: than the neighbourhood the MAPA mixture spreads over and the 16-draw bound
-#: is loose (0.46 nats per row on a 2-D surface in 10 dimensions): the learnt
-#: proposal lowered the surfaces' held-out KL (10-D: 0.50 to 0.46 at 1000
-#: rows, 1.81 to 1.42 at 300). On noisier data (iris 0.11, the real tables
+#: With ``refine_proposal='auto'`` the importance-weighted second phase's
+#: proposal learns each training row's posterior (``RowProposal``) where the
+#: first phase left less than this share of the standardized variance to
+#: the noise. There the posterior is much narrower than the neighbourhood
+#: the MAPA mixture spreads over and the 16-draw bound is loose (0.46 nats
+#: per row on a 2-D surface in 10 dimensions): the learnt proposal lowered
+#: the surfaces' held-out KL (10-D: 0.50 to 0.46 at 1000 rows, 1.81 to 1.42
+#: at 300). With one latent dimension the second phase is the grid wherever
+#: this holds, except with one feature (figure1: 0.0101 to 0.0089). On noisier data (iris 0.11, the real tables
 #: 0.24-0.49) the MAPA mixture already covers the wide posterior and the
 #: tighter bound fitted the training rows instead (iris: -2.44 to -2.84 nats
 #: per row, breast cancer -22.3 to -22.5, 5-fold CV). Measured in
@@ -216,10 +217,11 @@ class MAPADensity(BaseDeepDensity):
         bound has already weighted (no extra decoder pass): a tighter bound
         where the posterior is much narrower than the neighbourhood. MAPA's
         weights and first phase are unchanged, and new rows are scored as
-        before. 'auto' is 'adaptive' with two or more latent dimensions
-        where the first phase left less than 8% of the standardized
-        variance to the noise (surfaces: held-out KL 0.50 to 0.46 in 10-D
-        at 1000 rows), and 'mapa' otherwise (on noisier small tables the
+        before. 'auto' is 'adaptive' where the first phase left less than
+        8% of the standardized variance to the noise (surfaces: held-out KL
+        0.50 to 0.46 in 10-D at 1000 rows; with one latent dimension that
+        is one-feature data, elsewhere the second phase is the grid), and
+        'mapa' otherwise (on noisier small tables the
         tighter bound fitted the training rows: iris lost 0.4 nats per
         row). The value used is ``refine_proposal_`` ('mapa' wherever the
         second phase is not 'importance'). See :ref:`mapa_formulation`.
@@ -400,16 +402,14 @@ class MAPADensity(BaseDeepDensity):
 
     def _refine_proposal(self, noise_variance):
         """``refine_proposal`` resolved ('mapa' without the importance-weighted
-        second phase): 'auto' is 'adaptive' with two or more latent
-        dimensions where the first phase left less than
-        ``REFINE_ADAPTIVE_MAX_NOISE`` of the standardized variance to the
-        noise, else 'mapa'."""
+        second phase): 'auto' is 'adaptive' where the first phase left less
+        than ``REFINE_ADAPTIVE_MAX_NOISE`` of the standardized variance to
+        the noise, else 'mapa'."""
         if self.refine_method_ != "importance":
             return "mapa"
         if self.refine_proposal != "auto":
             return self.refine_proposal
-        adaptive = self.n_components >= 2 and noise_variance < REFINE_ADAPTIVE_MAX_NOISE
-        return "adaptive" if adaptive else "mapa"
+        return "adaptive" if noise_variance < REFINE_ADAPTIVE_MAX_NOISE else "mapa"
 
     # ------------------------------------------------------------------
     # the a-priori part: neighbours, weights, statistics, codes

@@ -11,7 +11,7 @@ from skmapa import MAPADensity
 from skmapa import mapa as mapa_module
 from skmapa._row_proposal import RowProposal
 from skmapa._scoring import add_prior_component, log_mean_weights, mixture_importance_weights
-from skmapa.datasets import make_manifold
+from skmapa.datasets import make_figure1, make_manifold
 from test_objectives import exact_log_px, linear_model
 
 torch.set_default_dtype(torch.float64)
@@ -113,11 +113,18 @@ def test_adaptive_proposal_lowers_the_held_out_kl_of_a_surface():
 
 
 @pytest.mark.parametrize("max_noise, expected", [(1.0, "adaptive"), (0.0, "mapa")])
+@pytest.mark.parametrize("n_components", [1, 2])
 def test_refine_proposal_auto_by_the_noise_of_the_first_phase(monkeypatch, max_noise,
-                                                             expected):
+                                                             expected, n_components):
+    """Two latent dimensions on a surface; one on one feature (figure1),
+    where the second phase is the importance-weighted bound."""
     monkeypatch.setattr(mapa_module, "REFINE_ADAPTIVE_MAX_NOISE", max_noise)
-    X = make_manifold(100, n_latent=2, n_features=4, random_state=0).X
-    est = MAPADensity(max_iter=2, refine_iter=1, random_state=0).fit(X)
+    if n_components == 2:
+        X = make_manifold(100, n_latent=2, n_features=4, random_state=0).X
+    else:
+        X = make_figure1(100, random_state=0).X
+    est = MAPADensity(n_components=n_components, max_iter=2, refine_iter=1,
+                      random_state=0).fit(X)
     assert est.refine_method_ == "importance" and est.refine_proposal_ == expected
 
 
