@@ -87,11 +87,12 @@ REFINE_SAMPLES_AUTO = (4, 16)
 #: per row on a 2-D surface in 10 dimensions): the learnt proposal lowered
 #: the surfaces' held-out KL (10-D: 0.50 to 0.46 at 1000 rows, 1.81 to 1.42
 #: at 300). With one latent dimension the second phase is the grid wherever
-#: this holds, except with one feature (figure1: 0.0101 to 0.0089). On noisier data (iris 0.11, the real tables
-#: 0.24-0.49) the MAPA mixture already covers the wide posterior and the
-#: tighter bound fitted the training rows instead (iris: -2.44 to -2.84 nats
-#: per row, breast cancer -22.3 to -22.5, 5-fold CV). Measured in
-#: docs/user_guide/mapa.rst ("A proposal that learns each row's posterior").
+#: this holds, except with one feature (figure1: 0.0101 to 0.0089). On
+#: noisier data (iris 0.11, the real tables 0.24-0.49) the MAPA mixture
+#: already covers the wide posterior and the tighter bound fitted the
+#: training rows instead (iris: -2.44 to -2.84 nats per row, breast cancer
+#: -22.3 to -22.5, 5-fold CV). Measured in docs/user_guide/mapa.rst ("A
+#: proposal that learns each row's posterior").
 REFINE_ADAPTIVE_MAX_NOISE = 0.08
 #: Prior quantiles per latent axis of the second phase's grid
 #: (``refine_method='grid'``), by latent dimension (one or two: the grid has
@@ -221,10 +222,10 @@ class MAPADensity(BaseDeepDensity):
         8% of the standardized variance to the noise (surfaces: held-out KL
         0.50 to 0.46 in 10-D at 1000 rows; with one latent dimension that
         is one-feature data, elsewhere the second phase is the grid), and
-        'mapa' otherwise (on noisier small tables the
-        tighter bound fitted the training rows: iris lost 0.4 nats per
-        row). The value used is ``refine_proposal_`` ('mapa' wherever the
-        second phase is not 'importance'). See :ref:`mapa_formulation`.
+        'mapa' otherwise (on noisier small tables the tighter bound fitted
+        the training rows: iris lost 0.4 nats per row). The value used is
+        ``refine_proposal_`` ('mapa' wherever the second phase is not
+        'importance'). See :ref:`mapa_formulation`.
 %(common_parameters)s
 
     Attributes
@@ -797,7 +798,8 @@ class MAPADensity(BaseDeepDensity):
         self.refine_method_ = self._refine_method(self.X_fit_.shape[1], noise_variance)
         self.refine_proposal_ = self._refine_proposal(noise_variance)
         if self.refine_iter != 0:
-            self._progress(f"second phase: refine_method='{self.refine_method_}' (the first "
+            self._progress(f"second phase: refine_method='{self.refine_method_}', "
+                           f"refine_proposal='{self.refine_proposal_}' (the first "
                            f"phase left {noise_variance:.3g} of the variance to the noise)")
         idx, log_q, w = self._train_stats
         del self._train_stats
