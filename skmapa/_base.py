@@ -36,7 +36,7 @@ from sklearn.utils.validation import (
 )
 
 from ._linear import probabilistic_pca
-from ._networks import ACTIVATIONS, MLP
+from ._networks import ACTIVATIONS, MLP, decayed_weights
 from ._scoring import (
     TiledGrid,
     adaptive_importance_log_px,
@@ -118,8 +118,8 @@ class _Optimizers:
             opt.load_state_dict(state)
 
 
-#: Whether this torch has the fused Adam kernel that _FusedAdam calls.
-_FUSED_ADAM = hasattr(torch, "_fused_adam_")
+#: Whether this torch has the fused Adam(W) kernels that _FusedAdam calls.
+_FUSED_ADAM = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
 
 
 class _FusedAdam:
@@ -136,13 +136,18 @@ class _FusedAdam:
     first gradient; parameters without a gradient are skipped) and calls
     ``torch._fused_adam_`` with exactly the arguments ``Adam.step`` passes
     it, so the result is the same bit for bit (tested against
-    ``torch.optim.Adam``). Default betas and eps, no weight decay; CPU and
-    CUDA, where the fused kernel exists.
+    ``torch.optim.Adam``). Default betas and eps; CPU and CUDA, where the
+    fused kernel exists. The parameters in ``decayed`` take AdamW's
+    decoupled ``weight_decay`` (``torch._fused_adamw_``, as ``AdamW`` with
+    those parameters in a group of their own; tested against it).
     """
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
-        self.param_groups = [{"params": list(params), "lr": lr, "betas": betas, "eps": eps}]
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, decayed=(),
+                 weight_decay=0.0):
+        self.param_groups = [{"params": list(params), "lr": lr, "betas": betas, "eps": eps,
+                              "weight_decay": float(weight_decay)}]
         self.state = {}
+        self._decayed = {id(p) for p in decayed} if weight_decay else set()
 
     @torch.no_grad()
     def step(self):
@@ -157,16 +162,18 @@ class _FusedAdam:
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }
-            by_kind.setdefault((p.device, p.dtype), []).append(p)
+            by_kind.setdefault((p.device, p.dtype, id(p) in self._decayed), []).append(p)
         beta1, beta2 = group["betas"]
-        for params in by_kind.values():
+        for (_, _, decays), params in by_kind.items():
             states = [self.state[p] for p in params]
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
-            torch._fused_adam_(
+            kernel = torch._fused_adamw_ if decays else torch._fused_adam_
+            kernel(
                 params, [p.grad for p in params], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
-                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
+                lr=group["lr"], beta1=beta1, beta2=beta2,
+                weight_decay=group["weight_decay"] if decays else 0.0,
                 eps=group["eps"], maximize=False, grad_scale=None, found_inf=None,
             )
 
@@ -379,6 +386,18 @@ _COMMON_PARAMETERS = """
         then larger so that an epoch takes at most ~200 steps.
     learning_rate_init : float, default=1e-3
         Adam step size.
+    weight_decay : 'auto' or float >= 0, default='auto'
+        Decoupled weight decay (AdamW, Loshchilov & Hutter): after each
+        optimizer step the weight matrices of the networks' layers are
+        multiplied by ``1 - lr * weight_decay`` (biases, noise scales, the
+        decoder's linear part and MAPA's codes are not). It shrinks the
+        decoder's nonlinear part towards its linear special case. 'auto' is
+        0 for now. Measured for MAPA, 0.1 lowered the held-out KL on the
+        manifold sets (surface in 10-D 0.458 to 0.425) but lost on the
+        300-row swiss roll (-0.04 to -0.10 nats per row over three seeds) and
+        digits (-0.5); for VAE and IWAE, whose amortised encoder already
+        regularises the decoder, it lost. The value used is
+        ``weight_decay_``.
     init : {'auto', 'pca', 'random'}, default='auto'
         Start of training. 'pca' starts at the model's linear special case,
         probabilistic PCA with ``n_components`` (decoder ``f(z) = mean + W z``
@@ -471,6 +490,8 @@ _COMMON_ATTRIBUTES = """
         Names of features seen during ``fit``, when X has string column names.
     early_stopping_ : bool
         Whether a validation set was held out (``early_stopping`` resolved).
+    weight_decay_ : float
+        The weight decay used (``weight_decay`` resolved).
     n_iter_ : int
         Epochs run (begun), over all training stages.
     n_steps_ : int
@@ -529,6 +550,7 @@ class BaseDeepDensity(
         "activation": [StrOptions(set(ACTIVATIONS))],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [StrOptions({"auto"}), Interval(Real, 0, None, closed="left")],
         "init": [StrOptions({"auto", "pca", "random"})],
         "max_iter": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -554,6 +576,7 @@ class BaseDeepDensity(
         activation="tanh",
         batch_size="auto",
         learning_rate_init=1e-3,
+        weight_decay="auto",
         init="auto",
         max_iter="auto",
         tol=1e-4,
@@ -574,6 +597,7 @@ class BaseDeepDensity(
         self.activation = activation
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
+        self.weight_decay = weight_decay
         self.init = init
         self.max_iter = max_iter
         self.tol = tol
@@ -720,6 +744,7 @@ class BaseDeepDensity(
                 if not warm:
                     self._set_standardization(X, sample_weight)
                 self.early_stopping_ = self._resolve_early_stopping(X.shape[0])
+                self.weight_decay_ = self._resolve_weight_decay()
                 self.device_ = device
                 self._torch_dtype = dtype
                 data = self._training_data(X, sample_weight, generator)
@@ -794,6 +819,9 @@ class BaseDeepDensity(
     #: ``early_stopping='auto'`` holds out validation rows below this many rows.
     _auto_early_stopping_below = 0
 
+    #: ``weight_decay='auto'``.
+    _auto_weight_decay = 0.0
+
     #: Network rows pushed per training row and step, beyond the first
     #: (importance samples); sets the work estimate that picks the threads.
     _train_draws = 1
@@ -822,6 +850,11 @@ class BaseDeepDensity(
         rows = min(n_rows * draws, EVAL_CALL_ROWS)
         return torch_threads(self._thread_count(
             2 * rows * self._row_flops(self.n_features_in_)))
+
+    def _resolve_weight_decay(self):
+        """``weight_decay`` as a float."""
+        return float(self._auto_weight_decay if self.weight_decay == "auto"
+                     else self.weight_decay)
 
     def _resolve_early_stopping(self, n_samples):
         """``early_stopping`` as a bool: 'auto' needs >= 10 validation rows."""
@@ -940,13 +973,22 @@ class BaseDeepDensity(
         params = [p for p in stage.parameters if p.requires_grad]
         sparse = [p for p in stage.sparse_parameters if p.requires_grad]
         lr = self.learning_rate_init
-        optimizer = _Optimizers(
+        # AdamW's decoupled weight decay on the networks' weight matrices
+        decay = self._resolve_weight_decay()
+        decayed_ids = {id(w) for module in self._networks().values()
+                       for w in decayed_weights(module)}
+        decayed = [p for p in params if id(p) in decayed_ids]
+        if _FUSED_ADAM and self.device_.type in ("cpu", "cuda"):
             # fused: one kernel for every parameter (about 2x faster per step
             # than the per-tensor loop on the small default networks)
-            [_FusedAdam(params, lr) if _FUSED_ADAM and self.device_.type in ("cpu", "cuda")
-             else torch.optim.Adam(params, lr=lr)]
-            + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
-        )
+            dense = _FusedAdam(params, lr, decayed=decayed, weight_decay=decay)
+        else:
+            rest = [p for p in params if id(p) not in decayed_ids]
+            groups = [{"params": decayed, "weight_decay": decay},
+                      {"params": rest, "weight_decay": 0.0}]
+            dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        optimizer = _Optimizers(
+            [dense] + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else []))
         params = params + sparse
         batch = self._batch_size(stage.n_units)
         steps_per_epoch = -(-stage.n_units // batch)

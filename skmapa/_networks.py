@@ -267,6 +267,23 @@ class StackedDecoders(nn.Module):
         return state
 
 
+def decayed_weights(module):
+    """The parameters of ``module`` that weight decay shrinks.
+
+    The weight matrices of every ``MLP`` (and their stacked copies in
+    ``StackedDecoders``): not biases, noise scales, the decoder's linear part
+    or MAPA's codes. Shrinking them pulls a decoder towards its linear
+    special case ``f(z) = b + W z`` (the last layer's bias is the offset).
+    """
+    weights = []
+    for m in module.modules():
+        if isinstance(m, MLP):
+            weights += [layer.weight for layer in m.net if isinstance(layer, nn.Linear)]
+        elif isinstance(m, StackedDecoders):
+            weights += list(m.weights)
+    return weights
+
+
 class GaussianEncoder(nn.Module):
     """q(z | x) = N(z; mu(x), diag(exp(log_std(x))^2)).
 

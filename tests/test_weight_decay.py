@@ -1,0 +1,119 @@
+"""Weight decay: AdamW's decoupled decay on the networks' weight matrices."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import FactorAnalysis
+
+from skmapa import IWAEDensity, MAPADensity, VAEDensity
+from skmapa import _base
+from skmapa._networks import GaussianDecoder, GaussianEncoder, StackedDecoders, build, \
+    decayed_weights
+
+
+def _small_parameters():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    return list(module.parameters())
+
+
+def test_fused_adamw_steps_exactly_as_torch_adamw():
+    """The decayed parameters step as AdamW's, the others as Adam's, bit for
+    bit (AdamW with the two kinds in groups of their own)."""
+    a, b = _small_parameters(), _small_parameters()
+    decayed = [0, 2]  # the two weight matrices
+    reference = torch.optim.AdamW(
+        [{"params": [a[i] for i in decayed], "weight_decay": 0.3},
+         {"params": [a[i] for i in (1, 3)], "weight_decay": 0.0}], lr=0.01, fused=True)
+    fast = _base._FusedAdam(b, lr=0.01, decayed=[b[i] for i in decayed], weight_decay=0.3)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(25):
+        if step == 10:
+            for group in reference.param_groups + fast.param_groups:
+                group["lr"] = 0.003
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        reference.step()
+        fast.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    # and the decay did something: Adam alone ends elsewhere
+    c = _small_parameters()
+    plain = _base._FusedAdam(c, lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(25):
+        for p in c:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if step == 10:
+            plain.param_groups[0]["lr"] = 0.003
+        plain.step()
+    assert not torch.equal(c[0], b[0]) and not torch.equal(c[2], b[2])
+    assert torch.equal(c[1], b[1]) and torch.equal(c[3], b[3])
+
+
+def test_decayed_weights_are_the_layer_weights_only():
+    gen = torch.Generator().manual_seed(0)
+    decoder = build(GaussianDecoder, gen, 2, 5, (8, 8), "tanh")
+
+    def names(module):
+        chosen = decayed_weights(module)
+        return {n for n, p in module.named_parameters() if any(p is w for w in chosen)}
+
+    # not the biases, the linear part or the noise scale
+    assert names(decoder) == {f"mean_net.net.{i}.weight" for i in (0, 2, 4)}
+    stacked = StackedDecoders([decoder, copy.deepcopy(decoder)])
+    assert names(stacked) == {f"weights.{i}" for i in range(3)}
+    encoder = build(GaussianEncoder, gen, 5, 2, (8,), "tanh")
+    assert names(encoder) and all(n.endswith(".weight") for n in names(encoder))
+
+
+def _linear_table(n=400, D=5, seed=0):
+    rng = np.random.RandomState(seed)
+    W = rng.normal(size=(D, 2))
+    return rng.normal(size=(n, 2)) @ W.T + 0.3 * rng.normal(size=(n, D))
+
+
+@pytest.mark.parametrize("Estimator, expected", [
+    (MAPADensity, 0.0), (VAEDensity, 0.0), (IWAEDensity, 0.0)])
+def test_auto_weight_decay(Estimator, expected):
+    X = _linear_table(n=60)
+    kw = dict(hidden_layer_sizes=(8,), max_iter=2, random_state=0)
+    if Estimator is MAPADensity:
+        kw["refine_iter"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert Estimator(**kw).fit(X).weight_decay_ == expected
+        assert Estimator(weight_decay=0.25, **kw).fit(X).weight_decay_ == 0.25
+
+
+def _assert_layers_near_zero(decoder):
+    for m in decoder.mean_net.net:
+        if isinstance(m, torch.nn.Linear):
+            # (Adam's update moves an entry by about the learning rate)
+            assert float(m.weight.detach().abs().max()) < 5e-3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_full_weight_decay_leaves_the_linear_model(fused, monkeypatch):
+    """With learning_rate_init * weight_decay = 1, AdamW zeroes the layers'
+    weights before each step's update: they stay within a step of zero,
+    and the decoder is (to that) f(z) = b + W z with per-feature noise,
+    factor analysis, whose maximum likelihood scikit-learn computes. On
+    rows of a linear-Gaussian model the VAE then scores as factor analysis
+    does; MAPA's decoder is linear too and cannot score above it."""
+    monkeypatch.setattr(_base, "_FUSED_ADAM", fused and _base._FUSED_ADAM)
+    X = _linear_table()
+    fa = FactorAnalysis(2, tol=1e-8, max_iter=10000).fit(X).score(X)
+    kw = dict(n_components=2, hidden_layer_sizes=(8,), weight_decay=1e3, random_state=0)
+    vae = VAEDensity(init="pca", early_stopping=False, **kw).fit(X)
+    _assert_layers_near_zero(vae.decoder_)
+    assert fa - 0.02 < vae.score(X) < fa + 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapa = MAPADensity(max_iter=20, refine_iter=20, **kw).fit(X)
+    _assert_layers_near_zero(mapa.decoder_)
+    assert mapa.score(X) < fa + 0.01
