@@ -387,16 +387,16 @@ _COMMON_PARAMETERS = """
     learning_rate_init : float, default=1e-3
         Adam step size.
     weight_decay : 'auto' or float >= 0, default='auto'
-        Decoupled weight decay (AdamW, Loshchilov & Hutter): after each
-        optimizer step the weight matrices of the networks' layers are
-        multiplied by ``1 - lr * weight_decay`` (biases, noise scales, the
-        decoder's linear part and MAPA's codes are not). It shrinks the
-        decoder's nonlinear part towards its linear special case. 'auto' is
-        0 for now. Measured for MAPA, 0.1 lowered the held-out KL on the
-        manifold sets (surface in 10-D 0.458 to 0.425) but lost on the
-        300-row swiss roll (-0.04 to -0.10 nats per row over three seeds) and
-        digits (-0.5); for VAE and IWAE, whose amortised encoder already
-        regularises the decoder, it lost. The value used is
+        Decoupled weight decay (AdamW, Loshchilov & Hutter): at each
+        optimizer step, before Adam's update, the weight matrices of the
+        networks' layers are multiplied by ``1 - lr * weight_decay`` (biases,
+        noise scales, the decoder's linear part and MAPA's codes are not). It
+        shrinks the decoder's nonlinear part towards its linear special
+        case. 'auto' is 0 for now. Measured for MAPA, 0.1 lowered the
+        held-out KL on the manifold sets (surface in 10-D 0.458 to 0.425) but
+        lost on the 300-row swiss roll (-0.04 to -0.10 nats per row over
+        three seeds) and digits (-0.5); for VAE and IWAE, whose amortised
+        encoder already regularises the decoder, it lost. The value used is
         ``weight_decay_``.
     init : {'auto', 'pca', 'random'}, default='auto'
         Start of training. 'pca' starts at the model's linear special case,

@@ -276,6 +276,41 @@ def test_fused_adam_steps_exactly_as_torch_adam():
     assert float(opt.state[b[0]]["step"]) == 21 and float(opt.state[b[1]]["step"]) == 25
 
 
+def test_fused_adamw_steps_exactly_as_torch_adamw():
+    """The decayed parameters step as AdamW's, the others as Adam's, bit for
+    bit (AdamW with the two kinds in groups of their own)."""
+    a, b = _small_parameters(), _small_parameters()
+    decayed = [0, 2]  # the two weight matrices
+    reference = torch.optim.AdamW(
+        [{"params": [a[i] for i in decayed], "weight_decay": 0.3},
+         {"params": [a[i] for i in (1, 3)], "weight_decay": 0.0}], lr=0.01, fused=True)
+    fast = _base._FusedAdam(b, lr=0.01, decayed=[b[i] for i in decayed], weight_decay=0.3)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(25):
+        if step == 10:
+            for group in reference.param_groups + fast.param_groups:
+                group["lr"] = 0.003
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        reference.step()
+        fast.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    # and the decay did something: Adam alone ends elsewhere
+    c = _small_parameters()
+    plain = _base._FusedAdam(c, lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(25):
+        for p in c:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if step == 10:
+            plain.param_groups[0]["lr"] = 0.003
+        plain.step()
+    assert not torch.equal(c[0], b[0]) and not torch.equal(c[2], b[2])
+    assert torch.equal(c[1], b[1]) and torch.equal(c[3], b[3])
+
+
 def test_fused_adam_restores_a_snapshot():
     params = _small_parameters()
     opt = _base._FusedAdam(params, lr=0.01)
