@@ -358,6 +358,9 @@ class TrainingStage:
     #: of those still training: the others need no more computing
     #: (``StackedDecoders.set_active``); their reports are then NaN.
     set_active: Optional[Callable] = None
+    #: This stage's decoupled weight decay; None: the estimator's
+    #: (``weight_decay`` resolved).
+    weight_decay: Optional[float] = None
     #: Set by the training loop: the mean report of every round (an array of
     #: one value per model when ``n_models > 1``).
     round_losses: list = field(default_factory=list)
@@ -392,12 +395,14 @@ _COMMON_PARAMETERS = """
         networks' layers are multiplied by ``1 - lr * weight_decay`` (biases,
         noise scales, the decoder's linear part and MAPA's codes are not). It
         shrinks the decoder's nonlinear part towards its linear special
-        case. 'auto' is 0 for now. Measured for MAPA, 0.1 lowered the
-        held-out KL on the manifold sets (surface in 10-D 0.458 to 0.425) but
-        lost on the 300-row swiss roll (-0.04 to -0.10 nats per row over
-        three seeds) and digits (-0.5); for VAE and IWAE, whose amortised
-        encoder already regularises the decoder, it lost. The value used is
-        ``weight_decay_``.
+        case. 'auto': for ``MAPADensity`` 0.1 in the second phase on data
+        near a manifold (fewer latent dimensions than features, and the
+        first phase left less than 8% of the standardized variance to the
+        noise), 0 elsewhere (held-out KL of the surface in 30-D 0.906 to
+        0.856; see :ref:`mapa_formulation`); for ``VAEDensity`` and
+        ``IWAEDensity`` 0 (0.1 lost: their amortised encoder already holds
+        the decoder back; the IWAE's KL on the surface in 10-D 0.416 to
+        0.439). The value used is ``weight_decay_``.
     init : {'auto', 'pca', 'random'}, default='auto'
         Start of training. 'pca' starts at the model's linear special case,
         probabilistic PCA with ``n_components`` (decoder ``f(z) = mean + W z``
@@ -491,7 +496,8 @@ _COMMON_ATTRIBUTES = """
     early_stopping_ : bool
         Whether a validation set was held out (``early_stopping`` resolved).
     weight_decay_ : float
-        The weight decay used (``weight_decay`` resolved).
+        The weight decay used (``weight_decay`` resolved; for MAPA with
+        'auto', the second phase's: its first phase does not decay).
     n_iter_ : int
         Epochs run (begun), over all training stages.
     n_steps_ : int
@@ -974,7 +980,8 @@ class BaseDeepDensity(
         sparse = [p for p in stage.sparse_parameters if p.requires_grad]
         lr = self.learning_rate_init
         # AdamW's decoupled weight decay on the networks' weight matrices
-        decay = self._resolve_weight_decay()
+        decay = (self._resolve_weight_decay() if stage.weight_decay is None
+                 else float(stage.weight_decay))
         decayed_ids = {id(w) for module in self._networks().values()
                        for w in decayed_weights(module)}
         decayed = [p for p in params if id(p) in decayed_ids]

@@ -10,6 +10,8 @@ from sklearn.decomposition import FactorAnalysis
 
 from skmapa import IWAEDensity, MAPADensity, VAEDensity
 from skmapa import _base
+from skmapa import mapa as mapa_module
+from skmapa.datasets import make_circle
 from skmapa._networks import GaussianDecoder, GaussianEncoder, StackedDecoders, build, \
     decayed_weights
 
@@ -76,3 +78,51 @@ def test_full_weight_decay_leaves_the_linear_model(fused, monkeypatch):
         mapa = MAPADensity(max_iter=20, refine_iter=20, **kw).fit(X)
     _assert_layers_near_zero(mapa.decoder_)
     assert mapa.score(X) < fa + 0.01
+
+
+def _stage_decays(monkeypatch):
+    """Record (stage name, the weight decay its optimizer was given)."""
+    seen, stages = [], []
+    run_rounds = _base.BaseDeepDensity._run_rounds
+
+    def spy_rounds(self, stage, *args):
+        stages.append(stage.name)
+        return run_rounds(self, stage, *args)
+
+    class SpyAdam(_base._FusedAdam):
+        def __init__(self, *args, weight_decay=0.0, **kwargs):
+            seen.append((stages[-1], weight_decay))
+            super().__init__(*args, weight_decay=weight_decay, **kwargs)
+
+    monkeypatch.setattr(_base.BaseDeepDensity, "_run_rounds", spy_rounds)
+    monkeypatch.setattr(_base, "_FusedAdam", SpyAdam)
+    monkeypatch.setattr(_base, "_FUSED_ADAM", True)
+    return seen
+
+
+@pytest.mark.skipif(not _base._FUSED_ADAM, reason="needs the fused AdamW kernel")
+@pytest.mark.parametrize("noise, n_components, expected", [
+    (0.02, 1, mapa_module.REFINE_WEIGHT_DECAY), (1.0, 1, 0.0), (0.02, 2, 0.0)])
+def test_mapa_auto_decays_only_the_second_phase_near_a_manifold(
+        noise, n_components, expected, monkeypatch):
+    """'auto': the first phase never decays; the second decays where the
+    first left less than REFINE_WEIGHT_DECAY_MAX_NOISE of the variance to
+    the noise and the codes have fewer dimensions than the rows (a circle
+    with little noise, one latent dimension), not on noisy rows and not with
+    as many latent dimensions as features."""
+    seen = _stage_decays(monkeypatch)
+    X = make_circle(300, noise=noise, random_state=0).X
+    est = MAPADensity(n_components=n_components, hidden_layer_sizes=(16,),
+                      learning_rate_init=1e-2, max_iter=100, refine_iter=2,
+                      random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(X)
+    decays = dict(seen)
+    assert decays.pop("refine") == expected == est.weight_decay_
+    assert decays and set(decays.values()) == {0.0}
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.set_params(weight_decay=0.25).fit(X)
+    assert {d for _, d in seen} == {0.25} and est.weight_decay_ == 0.25
