@@ -34,6 +34,16 @@ SELECTION_DRAWS = 64
 
 #: Step budget of the second phase when ``refine_iter='auto'``.
 REFINE_MAX_STEPS = 1000
+#: With two or more latent dimensions a second phase that decays the
+#: decoder's weights (``weight_decay_ > 0``: by default on data near a
+#: manifold, see ``REFINE_WEIGHT_DECAY``) runs ``REFINE_EPOCHS_DECAYED``
+#: passes over the rows, at least ``REFINE_MAX_STEPS`` and at most
+#: ``REFINE_MAX_STEPS_DECAYED`` steps: 1000 up to 500 rows, 2000 from 1000.
+#: The decay holds the longer phase back from the training rows at 1000
+#: rows; at 300 rows 2000 steps overfitted. Measured in
+#: docs/user_guide/mapa.rst ("Weight decay in the second phase").
+REFINE_EPOCHS_DECAYED = 256
+REFINE_MAX_STEPS_DECAYED = 2000
 #: With one latent dimension the 'auto' budget of the second phase grows
 #: with the rows: ``REFINE_EPOCHS_1D`` passes, at least ``REFINE_MAX_STEPS``
 #: and at most ``REFINE_MAX_STEPS_1D`` steps (``_refine_max_steps``). So it
@@ -165,7 +175,9 @@ class MAPADensity(BaseDeepDensity):
     refine_iter : 'auto' or int, default='auto'
         Budget of the second phase (importance-weighted bound with the MAPA
         mixture as proposal, MAPA still fixed): 'auto' is at most 1000
-        optimizer steps; with one latent dimension 128 passes over the
+        optimizer steps (where the phase decays the decoder's weights,
+        ``weight_decay_ > 0``, 256 passes over the rows, at least 1000 and
+        at most 2000 steps); with one latent dimension 128 passes over the
         rows, at least 1000 and at most 3000 steps (1000 up to 1000 rows,
         3000 from about 2350), and with 5000 rows or more and no
         ``early_stopping`` it holds ``validation_fraction`` of the rows (at
@@ -879,15 +891,22 @@ class MAPADensity(BaseDeepDensity):
         codes = self.codes_.detach()
         return codes[idx], self._atom_log_scales[idx], log_q
 
-    def _refine_max_steps(self, n_rows):
+    def _refine_max_steps(self, n_rows, decays=False):
         """Step budget of the second phase with ``refine_iter='auto'``:
-        ``REFINE_MAX_STEPS``; with one latent dimension the steps of
-        ``REFINE_EPOCHS_1D`` passes over ``n_rows`` rows, clipped to
-        ``[REFINE_MAX_STEPS, REFINE_MAX_STEPS_1D]``."""
-        if self.n_components != 1:
+        with one latent dimension the steps of ``REFINE_EPOCHS_1D`` passes
+        over ``n_rows`` rows, clipped to ``[REFINE_MAX_STEPS,
+        REFINE_MAX_STEPS_1D]``; with more, where the phase ``decays`` the
+        decoder's weights, those of ``REFINE_EPOCHS_DECAYED`` passes clipped
+        to ``[REFINE_MAX_STEPS, REFINE_MAX_STEPS_DECAYED]``, else
+        ``REFINE_MAX_STEPS``."""
+        if self.n_components == 1:
+            passes, most = REFINE_EPOCHS_1D, REFINE_MAX_STEPS_1D
+        elif decays:
+            passes, most = REFINE_EPOCHS_DECAYED, REFINE_MAX_STEPS_DECAYED
+        else:
             return REFINE_MAX_STEPS
-        steps = math.ceil(REFINE_EPOCHS_1D * n_rows / self._batch_size(n_rows))
-        return int(np.clip(steps, REFINE_MAX_STEPS, REFINE_MAX_STEPS_1D))
+        steps = math.ceil(passes * n_rows / self._batch_size(n_rows))
+        return int(np.clip(steps, REFINE_MAX_STEPS, most))
 
     def _validates_refine(self, n_rows, noise_variance):
         """Whether the second phase (``refine_iter='auto'``, no
@@ -910,7 +929,7 @@ class MAPADensity(BaseDeepDensity):
 
         n_rows = Xt.shape[0]
         rows = torch.arange(n_rows, device=device)
-        max_steps = self._refine_max_steps(n_rows)
+        max_steps = self._refine_max_steps(n_rows, decays=self.weight_decay_ > 0)
         # the rows the validation bound is taken on: (x, idx, log q, weights)
         held_out = None
         if data.X_val is not None:

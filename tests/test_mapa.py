@@ -520,16 +520,23 @@ def test_refine_samples_auto_by_latent_dimension():
 def test_second_phase_budget_grows_with_the_rows_in_one_latent_dimension(monkeypatch):
     """'auto': the steps of ``REFINE_EPOCHS_1D`` passes, clipped to
     ``[REFINE_MAX_STEPS, REFINE_MAX_STEPS_1D]``, with one latent dimension;
-    ``REFINE_MAX_STEPS`` with more; the fitted phase runs that many steps
+    ``REFINE_MAX_STEPS`` with more (``REFINE_EPOCHS_DECAYED`` passes up to
+    ``REFINE_MAX_STEPS_DECAYED`` where the phase decays the weights); the fitted phase runs that many steps
     when nothing stops it."""
-    def budget(n_rows, n_components=1, **kw):
-        return MAPADensity(n_components=n_components, **kw)._refine_max_steps(n_rows)
+    def budget(n_rows, n_components=1, decays=False, **kw):
+        return MAPADensity(n_components=n_components, **kw)._refine_max_steps(n_rows, decays)
 
     assert budget(150) == budget(1000) == mapa_module.REFINE_MAX_STEPS == 1000
     assert budget(2000) == 2000  # 128 passes over 2000 rows in batches of 128
     assert budget(10**4) == budget(10**6) == mapa_module.REFINE_MAX_STEPS_1D == 3000
     assert budget(1000, batch_size=64) == 2000
     assert budget(2000, n_components=2) == budget(10**4, n_components=3) == 1000
+    # a phase that decays the weights runs longer with two or more
+    assert budget(300, n_components=2, decays=True) == 1000
+    assert budget(750, n_components=2, decays=True) == 1500  # 256 passes
+    assert budget(1000, n_components=2, decays=True) == budget(10**5, n_components=2, decays=True) \
+        == mapa_module.REFINE_MAX_STEPS_DECAYED == 2000
+    assert budget(1000, decays=True) == budget(1000)
 
     monkeypatch.setattr(mapa_module, "REFINE_EPOCHS_1D", 4)
     monkeypatch.setattr(mapa_module, "REFINE_MAX_STEPS", 20)

@@ -126,3 +126,20 @@ def test_mapa_auto_decays_only_the_second_phase_near_a_manifold(
         warnings.simplefilter("ignore")
         est.set_params(weight_decay=0.25).fit(X)
     assert {d for _, d in seen} == {0.25} and est.weight_decay_ == 0.25
+
+
+@pytest.mark.parametrize("decay, steps", [(0.0, 20), (0.1, 40)])
+def test_a_decaying_second_phase_runs_longer(decay, steps, monkeypatch):
+    """With two latent dimensions the 'auto' budget of the second phase is
+    REFINE_MAX_STEPS, or up to REFINE_MAX_STEPS_DECAYED where it decays."""
+    monkeypatch.setattr(mapa_module, "REFINE_MAX_STEPS", 20)
+    monkeypatch.setattr(mapa_module, "REFINE_MAX_STEPS_DECAYED", 40)
+    monkeypatch.setattr(mapa_module, "REFINE_EPOCHS_DECAYED", 100)
+    X = _linear_table(n=200)
+    kw = dict(hidden_layer_sizes=(8,), max_iter=2, tol=0.0, n_iter_no_change=10**9,
+              weight_decay=decay, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        without = MAPADensity(refine_iter=0, **kw).fit(X)
+        with_auto = MAPADensity(**kw).fit(X)
+    assert with_auto.n_steps_ - without.n_steps_ == steps
