@@ -207,6 +207,41 @@ def graph_components(idx):
     return connected_components(A, directed=True, connection="weak")
 
 
+def mutual_pieces(idx, min_rows):
+    """Pieces of the mutual k-NN graph, or None where it has fewer than two
+    pieces of at least ``min_rows`` rows.
+
+    The mutual graph keeps an edge where each row is among the other's
+    neighbours. Two pieces that touch at a few rows (two concentric circles
+    whose noisy rows reach across) are one component of the k-NN graph,
+    whose first eigenvectors then mostly tell the pieces apart, but the
+    edges across are rarely mutual. Rows in smaller pieces (isolated rows)
+    join the piece of their nearest neighbour in a large one. Returns one
+    label per row, 0 to the number of large pieces - 1.
+    """
+    n, k = idx.shape
+    A = sparse.csr_matrix((np.ones(n * k), idx.ravel(), np.arange(0, n * k + 1, k)),
+                          shape=(n, n))
+    _, labels = connected_components(A.multiply(A.T), directed=False)
+    sizes = np.bincount(labels)
+    large = sizes >= min_rows
+    if large.sum() < 2:
+        return None
+    relabel = np.full(len(sizes), -1)
+    relabel[large] = np.arange(large.sum())
+    labels = relabel[labels]
+    while (labels < 0).any():
+        left = np.flatnonzero(labels < 0)
+        neighbour = labels[idx[left]]
+        placed = (neighbour >= 0).any(1)
+        if not placed.any():  # no neighbour anywhere in a large piece
+            labels[left] = np.argmax(sizes[large])
+            break
+        first = np.argmax(neighbour >= 0, axis=1)
+        labels[left[placed]] = neighbour[placed, first[placed]]
+    return labels
+
+
 def graph_codes(X, idx, log_q, n_components, rng, within="spectral"):
     """Codes from the MAPA graph, connected or not.
 
@@ -302,9 +337,16 @@ def _component_embedding(X, idx, log_q, rows, n_components, rng, within):
     are in it); PCA for components too small to embed."""
     if len(rows) < n_components + 3:
         return pca_codes(X[rows], np.ones(len(rows)), n_components, rng)
-    local = np.empty(X.shape[0], dtype=idx.dtype)
+    local = np.zeros(X.shape[0], dtype=idx.dtype)
     local[rows] = np.arange(len(rows))
-    return _WITHIN[within](X[rows], local[idx[rows]], log_q[rows], n_components, rng)
+    member = np.zeros(X.shape[0], dtype=bool)
+    member[rows] = True
+    # neighbours outside the component (pieces of a connected graph,
+    # mutual_pieces) are dropped: weight 0 on an edge to the row itself
+    inside = member[idx[rows]]
+    local_idx = np.where(inside, local[idx[rows]], np.arange(len(rows))[:, None])
+    local_log_q = np.where(inside, log_q[rows], -np.inf)
+    return _WITHIN[within](X[rows], local_idx, local_log_q, n_components, rng)
 
 
 def spectral_codes(X, idx, log_q, n_components, rng):
