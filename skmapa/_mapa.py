@@ -199,12 +199,16 @@ def match_prior(codes, weights, rng, n_rotations):
     return codes
 
 
+def _knn_matrix(idx):
+    """The directed k-NN graph as a sparse 0/1 matrix (row i -> its neighbours)."""
+    n, k = idx.shape
+    return sparse.csr_matrix((np.ones(n * k), idx.ravel(), np.arange(0, n * k + 1, k)),
+                             shape=(n, n))
+
+
 def graph_components(idx):
     """Connected components of the symmetrised k-NN graph: (count, label per row)."""
-    n, k = idx.shape
-    A = sparse.csr_matrix((np.ones(n * k), idx.ravel(), np.arange(0, n * k + 1, k)),
-                          shape=(n, n))
-    return connected_components(A, directed=True, connection="weak")
+    return connected_components(_knn_matrix(idx), directed=True, connection="weak")
 
 
 def mutual_pieces(idx, min_rows):
@@ -219,9 +223,7 @@ def mutual_pieces(idx, min_rows):
     join the piece of their nearest neighbour in a large one. Returns one
     label per row, 0 to the number of large pieces - 1.
     """
-    n, k = idx.shape
-    A = sparse.csr_matrix((np.ones(n * k), idx.ravel(), np.arange(0, n * k + 1, k)),
-                          shape=(n, n))
+    A = _knn_matrix(idx)
     _, labels = connected_components(A.multiply(A.T), directed=False)
     sizes = np.bincount(labels)
     large = sizes >= min_rows

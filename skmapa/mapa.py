@@ -545,42 +545,44 @@ class MAPADensity(BaseDeepDensity):
     def _graph_candidates(self, X, idx, log_q, labels, w, rng):
         """Candidate codes from the MAPA graph: its spectral embedding (and, for
         one latent dimension, the angle of the 2-D one); on a disconnected
-        graph the same embeddings per component, laid out side by side."""
+        graph the same embeddings per component, laid out side by side; on a
+        connected one whose mutual graph falls in pieces (one latent
+        dimension, ``PIECES_MIN_ROWS``), also the same per piece."""
         d, n = self.n_components, X.shape[0]
         within = ["spectral"] + (["angle"] if d == 1 and n > 3 else [])
-        if self.n_graph_components_ == 1:
-            self._progress(f"a priori: bandwidth {self.bandwidth_:.4g}; spectral embedding "
-                           "of the MAPA graph")
-            candidates = {name: _mapa._WITHIN[name](X, idx, log_q, d, rng) for name in within}
-            # one latent dimension only (``PIECES_MIN_ROWS``): with two the
-            # start chosen on the training rows' likelihood took the pieces
-            # on iris, which lost 0.19 nats per held-out row
-            pieces = (_mapa.mutual_pieces(idx, self.n_neighbors_)
-                      if d == 1 and n >= PIECES_MIN_ROWS else None)
-            if pieces is not None:
-                sizes = np.bincount(pieces)
-                self._progress(
-                    f"a priori: the mutual neighbours fall in {len(sizes)} pieces (rows: "
-                    + ", ".join(str(s) for s in sorted(sizes, reverse=True)[:8])
-                    + (", ..." if len(sizes) > 8 else "")
-                    + "): also each piece embedded on its own, side by side")
-                for name in within:
-                    candidates["pieces" + ("" if name == "spectral" else f"-{name}")] = \
-                        _mapa.component_codes(X, idx, log_q, pieces, d, rng, within=name,
-                                              weights=w)
-            return self._with_first_coordinate(candidates, rng)
-        sizes = np.bincount(labels)
-        self._progress(
-            f"a priori: bandwidth {self.bandwidth_:.4g}; the neighbour graph has "
-            f"{len(sizes)} connected components (rows: "
-            + ", ".join(str(s) for s in sorted(sizes, reverse=True)[:8])
-            + (", ..." if len(sizes) > 8 else "")
-            + "): embedding each one and laying them out side by side in the prior")
-        return self._with_first_coordinate({
-            "components" + ("" if name == "spectral" else f"-{name}"):
-                _mapa.component_codes(X, idx, log_q, labels, d, rng, within=name, weights=w)
-            for name in within
-        }, rng)
+
+        def laid_out(prefix, parts):
+            # each part embedded on its own, the parts side by side in the prior
+            return {prefix + ("" if name == "spectral" else f"-{name}"):
+                    _mapa.component_codes(X, idx, log_q, parts, d, rng, within=name,
+                                          weights=w)
+                    for name in within}
+
+        def sizes_text(parts):
+            sizes = sorted(np.bincount(parts), reverse=True)
+            return (f"{len(sizes)} {{}} (rows: " + ", ".join(str(s) for s in sizes[:8])
+                    + (", ..." if len(sizes) > 8 else "") + ")")
+
+        if self.n_graph_components_ > 1:
+            self._progress(
+                f"a priori: bandwidth {self.bandwidth_:.4g}; the neighbour graph has "
+                + sizes_text(labels).format("connected components")
+                + ": embedding each one and laying them out side by side in the prior")
+            return self._with_first_coordinate(laid_out("components", labels), rng)
+        self._progress(f"a priori: bandwidth {self.bandwidth_:.4g}; spectral embedding "
+                       "of the MAPA graph")
+        candidates = {name: _mapa._WITHIN[name](X, idx, log_q, d, rng) for name in within}
+        # one latent dimension only (``PIECES_MIN_ROWS``): with two the start
+        # chosen on the training rows' likelihood took the pieces on iris,
+        # which lost 0.19 nats per held-out row
+        pieces = (_mapa.mutual_pieces(idx, self.n_neighbors_)
+                  if d == 1 and n >= PIECES_MIN_ROWS else None)
+        if pieces is not None:
+            self._progress("a priori: the mutual neighbours fall in "
+                           + sizes_text(pieces).format("pieces")
+                           + ": also each piece embedded on its own, side by side")
+            candidates.update(laid_out("pieces", pieces))
+        return self._with_first_coordinate(candidates, rng)
 
     def _with_first_coordinate(self, candidates, rng):
         """With more than one latent dimension, each graph candidate also
