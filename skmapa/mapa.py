@@ -50,10 +50,11 @@ REFINE_MAX_STEPS = 1000
 REFINE_EPOCHS_DECAYED = 256
 REFINE_MAX_STEPS_DECAYED = 2000
 #: Pieces of the mutual k-NN graph (``_mapa.mutual_pieces``) are candidate
-#: starts with one latent dimension from this many rows: at 1000 rows they
-#: turned two concentric circles whose k-NN graph is joined by a few noisy
-#: rows from -2.34 / -1.92 to -1.81 / -1.82 nats per row; on iris (120 rows)
-#: the bound picked them and held-out rows lost 0.03.
+#: starts from this many rows: at 1000 rows they turned two concentric
+#: circles whose k-NN graph is joined by a few noisy rows from -2.34 / -1.92
+#: to -1.81 / -1.82 nats per row (two latent dimensions: -2.04 / -2.09 to
+#: -1.94 / -1.92); on iris (120 rows) they were picked and held-out rows
+#: lost 0.03 (one latent dimension) and 0.19 (two).
 PIECES_MIN_ROWS = 500
 #: With one latent dimension the 'auto' budget of the second phase grows
 #: with the rows: ``REFINE_EPOCHS_1D`` passes, at least ``REFINE_MAX_STEPS``
@@ -296,9 +297,9 @@ class MAPADensity(BaseDeepDensity):
         'components-1d' replace 'spectral', 'angle' and 'spectral-1d' (the
         same embeddings of each connected component, the components laid
         out side by side in the prior; no 'angle-1d' there); on a connected
-        graph with ``n_components=1``, from 500 rows, whose mutual k-NN
-        graph splits, also 'pieces' and 'pieces-angle' (the same, per
-        piece of the mutual graph). The score is
+        graph of 500 rows or more whose mutual k-NN graph splits, also
+        'pieces', 'pieces-angle' and 'pieces-1d' (the same, per piece of the
+        mutual graph). The score is
         the negative MAPA bound with ``n_components=1``, and with more the
         negative estimated log-likelihood per row of the continuous model (a
         64-draw importance-weighted bound on up to 1000 training rows,
@@ -546,8 +547,8 @@ class MAPADensity(BaseDeepDensity):
         """Candidate codes from the MAPA graph: its spectral embedding (and, for
         one latent dimension, the angle of the 2-D one); on a disconnected
         graph the same embeddings per component, laid out side by side; on a
-        connected one whose mutual graph falls in pieces (one latent
-        dimension, ``PIECES_MIN_ROWS``), also the same per piece."""
+        connected one whose mutual graph falls in pieces (from
+        ``PIECES_MIN_ROWS`` rows), also the same per piece."""
         d, n = self.n_components, X.shape[0]
         within = ["spectral"] + (["angle"] if d == 1 and n > 3 else [])
 
@@ -572,11 +573,10 @@ class MAPADensity(BaseDeepDensity):
         self._progress(f"a priori: bandwidth {self.bandwidth_:.4g}; spectral embedding "
                        "of the MAPA graph")
         candidates = {name: _mapa._WITHIN[name](X, idx, log_q, d, rng) for name in within}
-        # one latent dimension only (``PIECES_MIN_ROWS``): with two the start
-        # chosen on the training rows' likelihood took the pieces on iris,
-        # which lost 0.19 nats per held-out row
+        # from ``PIECES_MIN_ROWS`` rows: on iris (120) the pieces were picked
+        # and lost held-out likelihood
         pieces = (_mapa.mutual_pieces(idx, self.n_neighbors_)
-                  if d == 1 and n >= PIECES_MIN_ROWS else None)
+                  if n >= PIECES_MIN_ROWS else None)
         if pieces is not None:
             self._progress("a priori: the mutual neighbours fall in "
                            + sizes_text(pieces).format("pieces")

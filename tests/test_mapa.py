@@ -392,6 +392,20 @@ def test_touching_circles_start_from_the_pieces(monkeypatch):
     assert not any(name.startswith("pieces") for name in small.init_scores_)
 
 
+def test_pieces_are_candidates_with_two_latent_dimensions():
+    """With two latent dimensions the pieces of the touching circles are
+    candidate starts too ('pieces' and 'pieces-1d'); below PIECES_MIN_ROWS
+    rows they are not (iris, 120 rows, lost held-out likelihood to them)."""
+    X, _ = _touching_circles()
+    kw = dict(n_components=2, max_iter=2, refine_iter=0, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = MAPADensity(**kw).fit(X[:1000])
+        small = MAPADensity(**kw).fit(X[:mapa_module.PIECES_MIN_ROWS - 1])
+    assert {"pieces", "pieces-1d", "spectral", "spectral-1d"} <= set(est.init_scores_)
+    assert not any(name.startswith("pieces") for name in small.init_scores_)
+
+
 def _wrong_side(codes, labels):
     """Rows whose code lies on the other moon's side of the median code."""
     low = codes < np.median(codes)
