@@ -53,6 +53,8 @@ INIT_TRIAL_LARGE_STEPS = 1600
 MAX_CHAINED = 64
 #: Random rotations of the prior-matching projection at initialisation.
 INIT_ROTATIONS = 30
+#: Rows whose neighbourhoods ``local_residual`` fits (evenly spaced).
+LOCAL_RESIDUAL_ROWS = 1000
 
 
 def fit_neighbors(X):
@@ -197,6 +199,31 @@ def match_prior(codes, weights, rng, n_rotations):
             proj[:, j] = weighted_normal_quantiles(proj[:, j], weights)
         codes = proj @ basis.T
     return codes
+
+
+def local_residual(X, idx, n_components, weights, max_rows=LOCAL_RESIDUAL_ROWS):
+    """The variance of the neighbourhoods off a local fit of ``n_components``
+    dimensions: for up to ``max_rows`` evenly spaced rows, the principal
+    components of the row's neighbours ``X[idx[row]]``; the variance left
+    after the first ``n_components``, per remaining direction, averaged over
+    the rows with ``weights``. Small where the rows lie near a densely
+    sampled ``n_components``-dimensional manifold; it grows with the noise
+    and with the curvature the neighbourhoods span. None where no direction
+    is left (``n_components >= n_features``) or a neighbourhood is too small
+    to fit (``n_neighbors <= n_components + 1``)."""
+    n, n_features = X.shape
+    k = idx.shape[1]
+    if n_components >= n_features or k <= n_components + 1:
+        return None
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_rows)).astype(int))
+    nb = X[idx[rows]]
+    nb = nb - nb.mean(axis=1, keepdims=True)
+    sq = np.linalg.svd(nb, compute_uv=False) ** 2
+    # the fitted directions take some of the noise: k - 1 - n_components
+    # degrees of freedom are left per remaining direction
+    left = ((sq.sum(axis=1) - sq[:, :n_components].sum(axis=1))
+            / ((k - 1 - n_components) * (n_features - n_components)))
+    return float(np.average(left, weights=weights[rows]))
 
 
 def _knn_matrix(idx):

@@ -101,15 +101,17 @@ def _stage_decays(monkeypatch):
 
 
 @pytest.mark.skipif(not _base._FUSED_ADAM, reason="needs the fused AdamW kernel")
-@pytest.mark.parametrize("noise, n_components, expected", [
-    (0.02, 1, mapa_module.REFINE_WEIGHT_DECAY), (1.0, 1, 0.0), (0.02, 2, 0.0)])
-def test_mapa_auto_decays_only_the_second_phase_near_a_manifold(
-        noise, n_components, expected, monkeypatch):
-    """'auto': the first phase never decays; the second decays where the
-    first left less than REFINE_WEIGHT_DECAY_MAX_NOISE of the variance to
-    the noise and the codes have fewer dimensions than the rows (a circle
-    with little noise, one latent dimension), not on noisy rows and not with
-    as many latent dimensions as features."""
+@pytest.mark.parametrize("noise, n_components, first, expected", [
+    (0.02, 1, mapa_module.REFINE_WEIGHT_DECAY, mapa_module.REFINE_WEIGHT_DECAY),
+    (1.0, 1, 0.0, 0.0), (0.02, 2, 0.0, 0.0)])
+def test_mapa_auto_decays_the_second_phase_near_a_manifold(
+        noise, n_components, first, expected, monkeypatch):
+    """'auto': the second phase decays where the first left less than
+    REFINE_WEIGHT_DECAY_MAX_NOISE of the variance to the noise and the codes
+    have fewer dimensions than the rows (a circle with little noise, one
+    latent dimension), not on noisy rows and not with as many latent
+    dimensions as features; the first phase decays with one latent
+    dimension near a densely sampled curve only (local_residual_)."""
     seen = _stage_decays(monkeypatch)
     X = make_circle(300, noise=noise, random_state=0).X
     est = MAPADensity(n_components=n_components, hidden_layer_sizes=(16,),
@@ -120,7 +122,8 @@ def test_mapa_auto_decays_only_the_second_phase_near_a_manifold(
         est.fit(X)
     decays = dict(seen)
     assert decays.pop("refine") == expected == est.weight_decay_
-    assert decays and set(decays.values()) == {0.0}
+    assert decays and set(decays.values()) == {first}
+    assert (est.local_residual_ is None) == (n_components == 2)
     seen.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
