@@ -402,7 +402,7 @@ _COMMON_PARAMETERS = """
         0.856; see :ref:`mapa_formulation`), and with one latent dimension
         0.1 in both phases where the rows lie near a densely sampled curve
         (``local_residual_`` below 0.03: the curve in 50-D 0.368 to 0.355,
-        at 300 rows 1.57 to 1.46); for ``VAEDensity`` and
+        at 300 rows 1.57 to 1.46) or have one feature; for ``VAEDensity`` and
         ``IWAEDensity`` 0 (0.1 lost: their amortised encoder already holds
         the decoder back; the IWAE's KL on the surface in 10-D 0.416 to
         0.439). The value used is ``weight_decay_``.
@@ -502,7 +502,7 @@ _COMMON_ATTRIBUTES = """
         The weight decay used (``weight_decay`` resolved; for MAPA with
         'auto', the second phase's, or the first phase's where there is no
         second: with one latent dimension the first phase decays where the
-        rows lie near a curve, ``local_residual_``).
+        rows lie near a curve, ``local_residual_``, or have one feature).
     n_iter_ : int
         Epochs run (begun), over all training stages.
     n_steps_ : int

@@ -391,6 +391,26 @@ def test_first_phase_decays_near_a_dense_curve_only():
     assert curve2.weight_decay_ == 0.0 and curve1.weight_decay_ > 0
 
 
+def test_a_univariate_density_decays_both_phases():
+    """One feature, one latent dimension: both phases decay ('auto'), and
+    over three seeds of figure1 at 150 rows the held-out KL is lower than
+    without the decay (measured 0.032 against 0.037)."""
+    kl = {"auto": [], 0.0: []}
+    for seed in range(3):
+        data = make_figure1(2150, random_state=seed)
+        train, test = data.X[:150], data.X[150:]
+        for decay in kl:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                est = MAPADensity(n_components=1, weight_decay=decay,
+                                  random_state=seed).fit(train)
+            kl[decay].append(np.mean(data.log_density(test) - est.score_samples(test)))
+            if decay == "auto":
+                assert est.local_residual_ is None
+                assert est.weight_decay_ == mapa_module.REFINE_WEIGHT_DECAY
+    assert np.mean(kl["auto"]) < np.mean(kl[0.0])
+
+
 def test_mutual_pieces_split_what_a_few_edges_join():
     """The k-NN graph of the touching circles is connected; its mutual
     graph falls in the two circles (isolated rows joined to their
