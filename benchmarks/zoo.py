@@ -103,7 +103,9 @@ FULL = dict(
     n_train=1000,
     n_test=2000,
     test_fraction=0.2,
-    seeds=[0],
+    # three seeds: single-seed gaps between MAPA and the IWAE of 0.001-0.02
+    # nats changed sign from one seed to the next
+    seeds=[0, 1, 2],
     deep_params={},  # package defaults
     kde_bandwidths=np.logspace(-2, 0.5, 16),
     gmm_components=[1, 2, 3, 4, 6, 8, 12, 16],
@@ -253,6 +255,15 @@ def _med(records, ds, name, key):
     return median(values_of(records, ds, name, key))
 
 
+def _seeds_ahead(records, ds, seeds):
+    """In how many of ``seeds`` MAPA's held-out log-likelihood is at least
+    the better of the VAE's and the IWAE's."""
+    def ll(name, seed):
+        return next(r["heldout_ll"] for r in records if r["dataset"] == ds
+                    and r["estimator"] == name and r["seed"] == seed)
+    return sum(ll("MAPA", s) >= max(ll("VAE", s), ll("IWAE", s)) for s in seeds)
+
+
 def write_report(records, cfg, out_dir, env, sets, figure):
     seeds = cfg["seeds"]
     agg = "median over seeds" if len(seeds) > 1 else "one seed"
@@ -277,7 +288,8 @@ def write_report(records, cfg, out_dir, env, sets, figure):
         *environment_section(env),
         f"## Held-out mean log-likelihood (nats per row; higher is better), {agg}",
         "",
-        "MAPA - best deep: MAPA minus the better of VAE and IWAE; MAPA - best baseline: "
+        "MAPA - best deep: MAPA minus the better of VAE and IWAE; seeds ahead: in how "
+        "many seeds MAPA is at least the better of VAE and IWAE; MAPA - best baseline: "
         "MAPA minus the better of KDE (CV) and GMM (CV). truth: the mean exact log "
         "density of the test rows (skmapa sets).",
         "",
@@ -291,9 +303,11 @@ def write_report(records, cfg, out_dir, env, sets, figure):
         rows.append([ds, SETS[ds][1], values_of(records, ds, "MAPA", "n_features")[0], *cells,
                      fmt(truth),
                      fmt(ll["MAPA"] - max(ll["VAE"], ll["IWAE"])),
+                     f"{_seeds_ahead(records, ds, seeds)}/{len(seeds)}",
                      fmt(ll["MAPA"] - max(ll["KDE (CV)"], ll["GMM (CV)"]))])
     parts += [md_table(["data set", "n", "D"] + ESTIMATORS
-                       + ["truth", "MAPA - best deep", "MAPA - best baseline"], rows), ""]
+                       + ["truth", "MAPA - best deep", "seeds ahead", "MAPA - best baseline"],
+                       rows), ""]
 
     known = [ds for ds in sets if SETS[ds][2] == "skmapa"]
     if known:
