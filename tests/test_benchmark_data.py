@@ -99,3 +99,16 @@ def test_zoo_splits(name):
         np.testing.assert_allclose(A.std(0), 1)
     again = zoo.load_split(name, 0, cfg)
     np.testing.assert_array_equal(again[1], B)
+
+
+def test_zoo_counts_the_seeds_where_mapa_leads():
+    """'seeds ahead' pairs each seed's MAPA with that seed's better deep
+    baseline (a tie counts as ahead), not the medians."""
+    zoo = pytest.importorskip("benchmarks.zoo")
+    lls = {0: (-1.0, -2.0, -1.5), 1: (-1.2, -1.3, -1.1), 2: (-0.9, -0.9, -1.0)}
+    records = [{"dataset": "d", "seed": seed, "estimator": name, "heldout_ll": ll}
+               for seed, values in lls.items()
+               for name, ll in zip(["MAPA", "VAE", "IWAE"], values)]
+    records.append({"dataset": "other", "seed": 1, "estimator": "MAPA", "heldout_ll": 9.0})
+    assert zoo._seeds_ahead(records, "d", [0, 1, 2]) == 2
+    assert zoo._seeds_ahead(records, "d", [1]) == 0
