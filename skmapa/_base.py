@@ -465,7 +465,9 @@ _COMMON_PARAMETERS = """
     n_eval_samples : int, default=1024
         Importance-sampling draws per row in ``score_samples`` (adaptive
         importance sampling: a Laplace start and Gaussians refitted to the
-        weighted draws, see the user guide's scoring page).
+        weighted draws, see the user guide's scoring page). Rows whose
+        estimate has an error above 0.1 nats are scored again with 8 times
+        as many.
     random_state : int, RandomState instance or None, default=None
         Seeds network initialisation, minibatches, training noise and the
         fixed base draws of ``score_samples``. An int makes ``fit``
