@@ -77,8 +77,9 @@ ERROR_WARN_NATS = 0.1
 #: above ``ERROR_WARN_NATS`` again, with this many times ``n_eval_samples``
 #: draws (``BaseDeepDensity._log_px_importance``). On breast cancer
 #: (MAPA, ``n_components=2``) 14 % of the held-out rows were above it with
-#: 1024 draws, 3.5 % with 8192; measured in docs/user_guide/scoring.rst
-#: ("A second pass for the rows the first one misses").
+#: 1024 draws and 0.9 % after the second pass, at twice the scoring time;
+#: measured in docs/user_guide/scoring.rst ("A second pass for the rows
+#: the first one misses").
 RESCORE_FACTOR = 8
 #: Rows encoded or decoded at once outside of training.
 EVAL_BATCH_ROWS = 65536
