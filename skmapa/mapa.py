@@ -26,6 +26,23 @@ from ._scoring import (add_prior_component, importance_chunk_rows, log_mean_weig
 #: rows, dense Adam was ~10% faster per fit at equal or better held-out KL.
 SPARSE_CODES_MIN_ATOMS = 4096
 
+#: ``n_neighbors='auto'``: the narrow and the wide neighbourhood. The narrow
+#: one is used where the wide one's local residual (``_mapa.local_residual``:
+#: the variance off a local fit of ``n_components`` dimensions) is more than
+#: ``1 / NEIGHBORS_CURVATURE_RATIO`` times the narrow one's. Noise gives both
+#: the same residual; the curvature a neighbourhood spans grows its residual
+#: as a power of its radius, so a large drop says the wide neighbourhoods
+#: reach around the manifold's bends. Measured in docs/user_guide/mapa.rst
+#: ("How many neighbours").
+NEIGHBORS_AUTO = (10, 20)
+NEIGHBORS_CURVATURE_RATIO = 0.35
+#: ... and only where the narrow neighbourhood leaves at least this many
+#: degrees of freedom per remaining direction (``NEIGHBORS_AUTO[0] - 1 -
+#: n_components``; up to four latent dimensions): with fewer the fitted
+#: directions take much of the noise and noise alone drives the ratio down
+#: (eight latent dimensions: 0.34 on macrodata, 0.42 on star98).
+NEIGHBORS_MIN_DOF = 5
+
 #: With more than one latent dimension the candidate starts, trained through
 #: the whole first phase, are compared by the continuous model's
 #: importance-weighted bound with this many draws per row, on up to
@@ -191,9 +208,16 @@ class MAPADensity(BaseDeepDensity):
 
     Parameters
     ----------
-    n_neighbors : int, default=20
-        Neighbours in the MAPA posterior (reduced, with a warning, when there
-        are fewer training rows).
+    n_neighbors : 'auto' or int, default='auto'
+        Neighbours in the MAPA posterior (an int is reduced, with a warning,
+        when there are fewer training rows). 'auto' is 20, or 10 where the
+        20-row neighbourhoods span the curvature of the data rather than its
+        noise: where their variance off a local fit of ``n_components``
+        dimensions (``local_residual_``) is more than 1/0.35 times that of
+        the 10-row ones (``NEIGHBORS_CURVATURE_RATIO``; with up to four
+        latent dimensions), as on a sparsely sampled curve or surface (a few
+        hundred rows, little noise);
+        ``n_neighbors_`` holds the value used.
     bandwidth : 'auto' or float, default='auto'
         Kernel width ``tau`` in the standardized space (``kernel='global'``,
         and for new rows with every kernel but 'perplexity'). 'auto' is the
@@ -324,12 +348,13 @@ class MAPADensity(BaseDeepDensity):
         Connected components of the symmetrised neighbour graph of the
         training rows (1: connected).
     n_neighbors_ : int
-        The number of neighbours used.
+        The number of neighbours used (``n_neighbors='auto'`` resolved).
     local_residual_ : float or None
         The variance of the training rows' neighbourhoods off a local fit of
         ``n_components`` dimensions (their principal components), per
         remaining direction, in standardized units, averaged over up to 1000
-        rows: small near a densely sampled manifold of that dimension. With
+        rows: small near a densely sampled manifold of that dimension (with
+        ``n_neighbors='auto'``, of the 20-row neighbourhoods). With
         one latent dimension, below 0.03 the first phase decays the
         decoder's weights too (``weight_decay='auto'``; so it does with one
         feature). None with as many latent dimensions as features.
@@ -357,7 +382,7 @@ class MAPADensity(BaseDeepDensity):
 
     _parameter_constraints = {
         **BaseDeepDensity._parameter_constraints,
-        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "n_neighbors": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "bandwidth": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
         "refine_iter": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
         "refine_samples": [StrOptions({"auto"}),
@@ -372,7 +397,7 @@ class MAPADensity(BaseDeepDensity):
     def __init__(
         self,
         *,
-        n_neighbors=20,
+        n_neighbors="auto",
         bandwidth="auto",
         refine_iter="auto",
         refine_samples="auto",
@@ -511,21 +536,27 @@ class MAPADensity(BaseDeepDensity):
         keep = w > 0
         X, w = X[keep], w[keep]
         n = X.shape[0]
-        k = self.n_neighbors
+        auto = self.n_neighbors == "auto"
+        k = NEIGHBORS_AUTO[-1] if auto else self.n_neighbors
         if k > n:
-            warnings.warn(
-                f"n_neighbors={k} is larger than the number of training rows "
-                f"with positive weight ({n}); using n_neighbors={n}.",
-                UserWarning,
-            )
+            if not auto:
+                warnings.warn(
+                    f"n_neighbors={k} is larger than the number of training rows "
+                    f"with positive weight ({n}); using n_neighbors={n}.",
+                    UserWarning,
+                )
             k = n
-        self.n_neighbors_ = k
         self.kernel_ = self._kernel()
         self.X_fit_ = X
         self.atom_log_prior_ = np.log(w / w.sum())
-        self._progress(f"a priori: neighbour index over {n} rows, {k} neighbours each")
         self.neighbors_ = _mapa.fit_neighbors(X)
         dist, idx = _mapa.kneighbors(self.neighbors_, X, k)
+        self.local_residual_ = _mapa.local_residual(X, idx, self.n_components, w)
+        if auto:
+            k = self._auto_neighbors(X, idx, w)
+            dist, idx = dist[:, :k], idx[:, :k]
+        self.n_neighbors_ = k
+        self._progress(f"a priori: neighbour index over {n} rows, {k} neighbours each")
         self.bandwidth_ = (
             _mapa.auto_bandwidth(dist) if self.bandwidth == "auto" else float(self.bandwidth)
         )
@@ -539,7 +570,6 @@ class MAPADensity(BaseDeepDensity):
         self._train_stats = (idx, log_q, w)
         n_graph, labels = _mapa.graph_components(idx)
         self.n_graph_components_ = int(n_graph)
-        self.local_residual_ = _mapa.local_residual(X, idx, self.n_components, w)
         # the second phase's, where there is one, replaces it
         self.weight_decay_ = self._phase1_weight_decay()
         if codes is not None:
@@ -568,6 +598,21 @@ class MAPADensity(BaseDeepDensity):
             decoder_state, self.codes_ = trained
             self.decoder_.load_state_dict(decoder_state)
             self._phase1_steps_done = self._trial_steps()
+
+    def _auto_neighbors(self, X, idx, w):
+        """``n_neighbors='auto'``: the narrower of ``NEIGHBORS_AUTO`` where the
+        wide neighbourhoods ``idx`` (their local residual ``local_residual_``)
+        span the data's curvature, i.e. the narrow ones' residual is below
+        ``NEIGHBORS_CURVATURE_RATIO`` times it (and they leave at least
+        ``NEIGHBORS_MIN_DOF`` degrees of freedom); else the wider."""
+        narrow, wide = NEIGHBORS_AUTO[0], idx.shape[1]
+        if (wide <= narrow or self.local_residual_ is None
+                or narrow - 1 - self.n_components < NEIGHBORS_MIN_DOF):
+            return wide
+        near = _mapa.local_residual(X, idx[:, :narrow], self.n_components, w)
+        if near is None or near >= NEIGHBORS_CURVATURE_RATIO * self.local_residual_:
+            return wide
+        return narrow
 
     def _graph_candidates(self, X, idx, log_q, labels, w, rng):
         """Candidate codes from the MAPA graph: its spectral embedding (and, for
