@@ -204,10 +204,11 @@ def test_mapa_second_phase_holds_out_rows_from_5000_rows_with_one_latent_dim(
     assert est.early_stopping_ is False  # every row is still an atom
     assert est.codes_.shape[0] == n
     if validated:
-        # a tenth of the rows scored for validation (from the start of the
-        # stage, then once per round), never in a training batch
+        # a tenth of the rows scored for validation (the start and the
+        # linear model compared before the stage, the start of the stage,
+        # then once per round), never in a training batch
         assert len(est.validation_scores_) >= 1
-        assert seen.count(500) == len(est.validation_scores_) + 1
+        assert seen.count(500) == len(est.validation_scores_) + 3
         assert est.converged_  # stopped by the validation rule (tol=10)
     else:
         assert 500 not in seen
