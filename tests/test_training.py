@@ -167,7 +167,9 @@ def test_convergence_warnings_name_the_parameter_of_their_stage():
 # ----------------------------------------------------------------------
 @pytest.mark.parametrize("Estimator, n, expected", [
     (VAEDensity, 300, True), (IWAEDensity, 300, True), (VAEDensity, 1200, False),
-    (VAEDensity, 60, False),  # 6 validation rows are too few
+    (VAEDensity, 60, True),  # 10 validation rows, not 6
+    (IWAEDensity, 16, True),  # a quarter of the rows: 4
+    (VAEDensity, 15, False),  # 3 validation rows are too few
     (MAPADensity, 300, False),
 ])
 def test_auto_early_stopping(Estimator, n, expected):
@@ -473,3 +475,27 @@ def test_a_stage_with_averaging_ends_with_the_average_of_its_iterates():
     assert last_error > 1e-4
     # (measured: 0.2 of the last iterate's squared error)
     assert float(((average - 3.0) ** 2).mean()) < 0.3 * last_error
+
+
+def test_auto_early_stopping_saves_a_tiny_table():
+    """40 rows of a Gaussian in 3-D (rank 2 plus noise): with 'auto' the
+    VAE and the IWAE hold 10 rows out and end near the true density
+    (measured KL 0.14-0.39 for the IWAE, probabilistic PCA 0.10); trained on
+    all 40 rows for the whole budget the IWAE fell 39-114 nats per row
+    below it."""
+    from scipy.stats import multivariate_normal
+
+    for seed, Estimator in [(0, IWAEDensity), (1, IWAEDensity), (2, IWAEDensity),
+                            (1, VAEDensity)]:
+        rng = np.random.RandomState(seed)
+        W = rng.randn(3, 2)
+        cov = W @ W.T + 0.1 * np.eye(3)
+        X = rng.multivariate_normal(np.zeros(3), cov, size=2040)
+        train, test = X[:40], X[40:]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = Estimator(random_state=seed).fit(train)
+        assert est.early_stopping_
+        kl = np.mean(multivariate_normal(np.zeros(3), cov).logpdf(test)
+                     - est.score_samples(test))
+        assert kl < 1.0, (seed, Estimator.__name__, kl)
