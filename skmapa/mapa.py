@@ -1114,7 +1114,7 @@ class MAPADensity(BaseDeepDensity):
         in docs/user_guide/mapa.rst ("Never below the linear model").
         """
         first = float(validation())
-        kept = self._snapshot(None)
+        kept, scales = self._snapshot(None), self._atom_log_scales
         start = self._linear_start(data)
         self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
         A, offset, _ = start.posterior()
@@ -1129,7 +1129,7 @@ class MAPADensity(BaseDeepDensity):
                            f"{-linear:.4g} against the first phase's {-first:.4g})")
             return
         self._restore(kept)
-        self._update_atom_scales()
+        self._atom_log_scales = scales
 
     def _phase1_weight_decay(self):
         """The first phase's weight decay: with ``weight_decay='auto'``,
