@@ -40,6 +40,26 @@ def test_tiled_grid_matches_closed_form(d, D, sigma):
     assert err.shape == (200,) and bool((err >= 0).all())
 
 
+def test_tiled_grid_halves_tiles_only_along_the_steep_axis():
+    """A linear decoder steep along z1 and flat along z2: every tile is halved
+    along z1 until its step there is at most MAX_STEP, and never along z2
+    (long, thin tiles), and the sum is still the exact marginal."""
+    dec, _, b, sigma = linear_model(d=2, D=2, sigma=0.1)
+    W = torch.diag(torch.tensor([4.0, 0.2]))
+    with torch.no_grad():
+        dec.mean_net.net[0].weight.copy_(W)
+    grid = TiledGrid(dec, 2, torch.float64, "cpu")
+    side, h = _scoring.TILE_SIDE[2], _scoring.COARSEST_SPACING
+    assert 0.2 * h / sigma <= _scoring.MAX_STEP[2]  # z2 needs no halving
+    halvings = math.ceil(math.log2(4.0 * h / sigma / _scoring.MAX_STEP[2]))
+    n_tiles = math.ceil(16.0 / (side * h)) ** 2
+    assert grid.resolved
+    assert grid.n_points == n_tiles * side**2 * 2**halvings
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=g) @ W.T + b + sigma * torch.randn(200, 2, generator=g)
+    assert torch.allclose(grid.log_px(x), exact_log_px(x, W, b, sigma), atol=1e-6)
+
+
 def _mlp_decoder(d, D, sigma, seed=0):
     """A random tanh decoder: curved, steep in places."""
     torch.manual_seed(seed)
