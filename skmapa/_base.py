@@ -418,7 +418,9 @@ _COMMON_PARAMETERS = """
         0.856; see :ref:`mapa_formulation`), and with one latent dimension
         0.1 in both phases where the rows lie near a densely sampled curve
         (``local_residual_`` below 0.03: the curve in 50-D 0.368 to 0.355,
-        at 300 rows 1.57 to 1.46) or have one feature; for ``VAEDensity`` and
+        at 300 rows 1.57 to 1.46) or have one feature; below 1000 training
+        rows MAPA's 0.1 is ``0.1 * sqrt(1000 / n)`` (0.26 at 150 rows: the
+        curve in 50-D 3.31 to 2.93); for ``VAEDensity`` and
         ``IWAEDensity`` 0 (0.1 lost: their amortised encoder already holds
         the decoder back; the IWAE's KL on the surface in 10-D 0.416 to
         0.439). The value used is ``weight_decay_``.
