@@ -70,9 +70,13 @@ REFINE_MAX_STEPS_DECAYED = 2000
 #: starts from this many rows: at 1000 rows they turned two concentric
 #: circles whose k-NN graph is joined by a few noisy rows from -2.34 / -1.92
 #: to -1.81 / -1.82 nats per row (two latent dimensions: -2.04 / -2.09 to
-#: -1.94 / -1.92); on iris (120 rows) they were picked and held-out rows
-#: lost 0.03 (one latent dimension) and 0.19 (two).
-PIECES_MIN_ROWS = 500
+#: -1.94 / -1.92); at 300 rows (``make_circles``, seeds 0 / 1 / 2) from
+#: -2.72 / -2.33 / -1.91 to -1.89 / -1.96 / -1.91, at 150 from -2.03 /
+#: -2.09 / -2.22 to -2.03 / -1.97 / -2.06 (500 rows until 0.2). On iris (120
+#: rows) they were tried and held-out rows lost 0.19 / 0.03 / 0 (two latent
+#: dimensions). Measured in docs/user_guide/mapa.rst ("Pieces joined by a
+#: few rows").
+PIECES_MIN_ROWS = 150
 #: With one latent dimension the 'auto' budget of the second phase grows
 #: with the rows: ``REFINE_EPOCHS_1D`` passes, at least ``REFINE_MAX_STEPS``
 #: and at most ``REFINE_MAX_STEPS_1D`` steps (``_refine_max_steps``). So it
