@@ -517,6 +517,24 @@ def test_mutual_pieces_split_what_a_few_edges_join():
     assert _mapa.mutual_pieces(idx, len(X) // 2 + 1) is None
 
 
+def _with_and_without_pieces(train, test, monkeypatch):
+    """A default fit with one latent dimension, which must start from the
+    mutual graph's pieces and warn of nothing but convergence; its held-out
+    log-likelihood and that of the same fit without the pieces."""
+    kw = dict(n_components=1, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = MAPADensity(**kw).fit(train)
+    assert min(est.init_scores_, key=est.init_scores_.get).startswith("pieces")
+    with_pieces = est.score_samples(test).mean()
+    monkeypatch.setattr(_mapa, "mutual_pieces", lambda idx, min_rows: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        without = MAPADensity(**kw).fit(train).score_samples(test).mean()
+    return est, with_pieces, without
+
+
 def test_touching_circles_start_from_the_pieces(monkeypatch):
     """One latent dimension on the touching circles: the pieces are
     candidates, the bound picks one of them, and the held-out
@@ -525,18 +543,8 @@ def test_touching_circles_start_from_the_pieces(monkeypatch):
     not tried."""
     X, _ = _touching_circles()
     train, test = X[:1000], X[1000:]
-    kw = dict(n_components=1, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        est = MAPADensity(**kw).fit(train)
+    est, with_pieces, without = _with_and_without_pieces(train, test, monkeypatch)
     assert {"pieces", "pieces-angle"} <= set(est.init_scores_)
-    assert min(est.init_scores_, key=est.init_scores_.get).startswith("pieces")
-    with_pieces = est.score_samples(test).mean()
-    monkeypatch.setattr(_mapa, "mutual_pieces", lambda idx, min_rows: None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        without = MAPADensity(**kw).fit(train).score_samples(test).mean()
     assert with_pieces > without + 0.2
     small = MAPADensity(n_components=1, max_iter=2, refine_iter=0, random_state=0)
     with warnings.catch_warnings():
@@ -554,17 +562,8 @@ def test_pieces_save_two_circles_on_300_rows(monkeypatch):
     X = make_circles(2300, noise=0.05, factor=0.5, random_state=0)[0]
     mean, std = X[:300].mean(0), X[:300].std(0)
     train, test = (X[:300] - mean) / std, (X[300:] - mean) / std
-    kw = dict(n_components=1, random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        est = MAPADensity(**kw).fit(train)
+    est, with_pieces, without = _with_and_without_pieces(train, test, monkeypatch)
     assert est.n_graph_components_ == 1
-    assert min(est.init_scores_, key=est.init_scores_.get).startswith("pieces")
-    with_pieces = est.score_samples(test).mean()
-    monkeypatch.setattr(_mapa, "mutual_pieces", lambda idx, min_rows: None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        without = MAPADensity(**kw).fit(train).score_samples(test).mean()
     assert with_pieces > without + 0.4
 
 
