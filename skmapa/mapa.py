@@ -348,7 +348,7 @@ class MAPADensity(BaseDeepDensity):
         'components-1d' replace 'spectral', 'angle' and 'spectral-1d' (the
         same embeddings of each connected component, the components laid
         out side by side in the prior; no 'angle-1d' there); on a connected
-        graph of 500 rows or more whose mutual k-NN graph splits, also
+        graph of 150 rows or more whose mutual k-NN graph splits, also
         'pieces', 'pieces-angle' and 'pieces-1d' (the same, per piece of the
         mutual graph). The score is
         the negative MAPA bound with ``n_components=1``, and with more the
