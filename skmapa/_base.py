@@ -41,6 +41,7 @@ from ._scoring import (
     TiledGrid,
     adaptive_importance_log_px,
     add_prior_component,
+    grid_budget,
     importance_chunk_rows,
     laplace_start,
     latent_grid,
@@ -518,6 +519,10 @@ _COMMON_ATTRIBUTES = """
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Names of features seen during ``fit``, when X has string column names.
+    n_samples_fit_ : int
+        Number of rows of the last ``fit`` (validation rows included). With
+        ``n_components <= 2`` it sizes the scoring grid's cap: a model fitted
+        on more rows has smaller noise and needs a finer grid.
     early_stopping_ : bool
         Whether a validation set was held out (``early_stopping`` resolved).
     weight_decay_ : float
@@ -776,6 +781,7 @@ class BaseDeepDensity(
             try:
                 if not warm:
                     self._set_standardization(X, sample_weight)
+                self.n_samples_fit_ = X.shape[0]
                 self.early_stopping_ = self._resolve_early_stopping(X.shape[0])
                 self.weight_decay_ = self._resolve_weight_decay()
                 self.device_ = device
@@ -1205,8 +1211,12 @@ class BaseDeepDensity(
     def _build_quadrature(self):
         self._quadrature = None
         if self.n_components <= 2:
+            # a model saved before 0.2 has no n_samples_fit_: the base caps
+            rows = getattr(self, "n_samples_fit_", 0)
+            max_points, max_elements = grid_budget(rows, self.n_features_in_)
             self._quadrature = TiledGrid(self.decoder_, self.n_components,
-                                         self._torch_dtype, self.device_)
+                                         self._torch_dtype, self.device_,
+                                         max_points=max_points, max_elements=max_elements)
 
     # ------------------------------------------------------------------
     # scoring, sampling, transforms

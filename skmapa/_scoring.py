@@ -460,14 +460,41 @@ COARSEST_SPACING = 0.25
 #: Most halvings of a tile's spacing below ``COARSEST_SPACING``, per axis.
 MAX_LEVELS = {1: 14, 2: 8}
 #: Most grid points decoded while building, and most values kept (points x
-#: features); past either the grid stops refining and says it is not
-#: resolved ('auto' then scores by importance sampling). 2**19 decoder rows
-#: cost about as much as importance sampling 500 rows.
+#: features), for a model fitted on few rows; past either the grid stops
+#: refining and says it is not resolved ('auto' then scores by importance
+#: sampling). 2**19 decoder rows cost about as much as importance sampling
+#: 500 rows. ``grid_budget`` raises both with the training rows.
 GRID_MAX_POINTS = 2**19
 GRID_MAX_ELEMENTS = 2**22
+#: Upper ends of ``grid_budget``: 2**22 points decode in about 7 s on one CPU
+#: thread, and 2**24 values are 128 MiB in float64.
+GRID_MOST_POINTS = 2**22
+GRID_MOST_ELEMENTS = 2**24
+#: Decoded points per training row that ``grid_budget`` allows. Two moons on
+#: 10^6 rows (noise 0.020 / 0.013) needs 1.0e6 decoded points (646,656
+#: kept, built in 1.1 s); the fixed cap stopped at 297,472, unresolved.
+GRID_ROWS_POINTS = 4
 #: Tiles are left out of a row's sum when even all of them together carry
 #: less than exp(-PRUNE_NATS) of the row's total.
 PRUNE_NATS = 12.0
+
+
+def grid_budget(n_rows, n_features):
+    """The grid's caps for a model fitted on ``n_rows`` rows: ``(points,
+    values)``.
+
+    ``GRID_ROWS_POINTS`` decoded points per training row, and as many
+    stored values as the training data holds (``n_rows * n_features``),
+    within [``GRID_MAX_POINTS``, ``GRID_MOST_POINTS``] and
+    [``GRID_MAX_ELEMENTS``, ``GRID_MOST_ELEMENTS``]. A model fitted on more
+    rows has smaller noise and needs a finer grid; building it then costs
+    no more than about one training epoch (forward passes only, without
+    gradients), and stores no more than the data it was fitted on.
+    """
+    n_rows, n_features = int(n_rows), int(n_features)
+    points = min(max(GRID_ROWS_POINTS * n_rows, GRID_MAX_POINTS), GRID_MOST_POINTS)
+    values = min(max(n_rows * n_features, GRID_MAX_ELEMENTS), GRID_MOST_ELEMENTS)
+    return points, values
 
 
 class TiledGrid:
@@ -484,7 +511,9 @@ class TiledGrid:
     tiles, and so does an axis along which it is flat (a latent direction
     the model uses little: long, thin tiles). ``resolved`` says whether
     every tile got there within ``MAX_LEVELS`` halvings per axis,
-    ``GRID_MAX_POINTS`` and ``GRID_MAX_ELEMENTS``.
+    ``max_points`` decoded points and ``max_elements`` stored values
+    (defaults ``GRID_MAX_POINTS`` and ``GRID_MAX_ELEMENTS``; see
+    ``grid_budget``).
 
     Each tile keeps a ball (centre, radius) around its decoder means in noise
     units and the range of its log weights. For a row x, each tile's log
@@ -500,11 +529,14 @@ class TiledGrid:
     difference of the two is the reported error estimate.
     """
 
-    def __init__(self, decoder, n_latent, dtype, device, bound=8.0, max_step=None):
+    def __init__(self, decoder, n_latent, dtype, device, bound=8.0, max_step=None,
+                 max_points=None, max_elements=None):
         if n_latent not in TILE_SIDE:
             raise ValueError(f"quadrature needs n_components <= 2, got {n_latent}.")
         d = int(n_latent)
         max_step = MAX_STEP[d] if max_step is None else max_step
+        max_points = GRID_MAX_POINTS if max_points is None else int(max_points)
+        max_elements = GRID_MAX_ELEMENTS if max_elements is None else int(max_elements)
         side = TILE_SIDE[d]
         scale = decoder.scale.detach().to(dtype)
         n_features = scale.shape[0]
@@ -543,8 +575,8 @@ class TiledGrid:
             split = (step > max_step) & (levels < MAX_LEVELS[d])
             halvings = split.sum(-1)
             more = int((2**halvings)[halvings > 0].sum()) * side**d  # the next round
-            capped = bool(decoded + more > GRID_MAX_POINTS
-                          or (kept + more) * n_features > GRID_MAX_ELEMENTS)
+            capped = bool(decoded + more > max_points
+                          or (kept + more) * n_features > max_elements)
             if capped:
                 split.zero_()
             leaf = ~split.any(-1)

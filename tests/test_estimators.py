@@ -286,6 +286,32 @@ def test_error_estimates_and_their_warning(Estimator, curve_data):
     assert np.mean(np.abs(lp_few - plain)) > np.mean(np.abs(lp_is - plain))
 
 
+def test_the_scoring_grid_cap_grows_with_the_training_rows(Estimator, curve_data,
+                                                          monkeypatch):
+    """The scoring grid's budget comes from the rows of the fit
+    (``n_samples_fit_``): with a base cap too small for this model's grid,
+    'auto' scores by importance sampling after a fit on few rows and on the
+    resolved grid after one on many, and a pickle keeps that."""
+    from skmapa import _scoring
+
+    X, X_test = curve_data
+    est = fitted(Estimator, X, n_components=2, max_iter=20)
+    assert est.n_samples_fit_ == X.shape[0]
+    needed = est._quadrature.n_points
+    coarsest = int(16 / (_scoring.TILE_SIDE[2] * _scoring.COARSEST_SPACING)) ** 2 * 64
+    assert needed > coarsest  # the grid refined some tiles
+    monkeypatch.setattr(_scoring, "GRID_MAX_POINTS", coarsest)
+    est._build_quadrature()
+    assert est._score_method() == "importance"
+    est.n_samples_fit_ = needed
+    est._build_quadrature()
+    assert est._score_method() == "quadrature" and est._quadrature.n_points == needed
+    again = pickle.loads(pickle.dumps(est))
+    assert again._score_method() == "quadrature"
+    np.testing.assert_array_equal(again.score_samples(X_test[:20]),
+                                  est.score_samples(X_test[:20]))
+
+
 def test_rows_the_first_pass_misses_are_scored_again(Estimator, curve_data, monkeypatch):
     """Importance sampling scores a row again, with RESCORE_FACTOR times the
     draws, where its first estimate's error is above ERROR_WARN_NATS: those

@@ -60,6 +60,32 @@ def test_tiled_grid_halves_tiles_only_along_the_steep_axis():
     assert torch.allclose(grid.log_px(x), exact_log_px(x, W, b, sigma), atol=1e-6)
 
 
+def test_grid_budget_grows_with_the_training_rows(monkeypatch):
+    """Few training rows: the base caps; more rows: more decoded points and
+    stored values, up to the upper caps. A grid stopped unresolved at the
+    base cap resolves with the larger budget and is the exact marginal."""
+    S = _scoring
+    assert S.grid_budget(150, 2) == (S.GRID_MAX_POINTS, S.GRID_MAX_ELEMENTS)
+    assert S.grid_budget(400_000, 20) == (S.GRID_ROWS_POINTS * 400_000, 8_000_000)
+    assert S.grid_budget(10**8, 50) == (S.GRID_MOST_POINTS, S.GRID_MOST_ELEMENTS)
+    dec, _, b, sigma = linear_model(d=2, D=2, sigma=0.1)
+    W = torch.diag(torch.tensor([4.0, 0.2]))
+    with torch.no_grad():
+        dec.mean_net.net[0].weight.copy_(W)
+    needed = TiledGrid(dec, 2, torch.float64, "cpu").n_points  # z1 halved 4 times
+    monkeypatch.setattr(S, "GRID_MAX_POINTS", needed // 2)
+    assert not TiledGrid(dec, 2, torch.float64, "cpu").resolved
+    small = S.grid_budget(needed // (4 * S.GRID_ROWS_POINTS), 2)
+    assert not TiledGrid(dec, 2, torch.float64, "cpu", max_points=small[0],
+                         max_elements=small[1]).resolved
+    points, values = S.grid_budget(needed, 2)  # 4 points per row: room for every level
+    grid = TiledGrid(dec, 2, torch.float64, "cpu", max_points=points, max_elements=values)
+    assert grid.resolved and grid.n_points == needed
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 2, generator=g) @ W.T + b + sigma * torch.randn(100, 2, generator=g)
+    assert torch.allclose(grid.log_px(x), exact_log_px(x, W, b, sigma), atol=1e-6)
+
+
 def _mlp_decoder(d, D, sigma, seed=0):
     """A random tanh decoder: curved, steep in places."""
     torch.manual_seed(seed)
