@@ -832,16 +832,23 @@ class BaseDeepDensity(
             Xs = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
         return self._to_tensor(Xs)
 
-    def _training_data(self, X, sample_weight, generator):
+    def _held_out_rows(self, X, sample_weight):
+        """Rows held out of training (``data.X_val``): those of early stopping."""
+        if not self.early_stopping_:
+            return 0
         n = X.shape[0]
+        n_val = self._n_validation(n)
+        if n_val < 1 or n - n_val < 2:
+            raise ValueError(
+                f"early_stopping with validation_fraction={self.validation_fraction}"
+                f" leaves too few rows out of n_samples={n}."
+            )
+        return n_val
+
+    def _training_data(self, X, sample_weight, generator):
         X_val = w_val = None
-        if self.early_stopping_:
-            n_val = self._n_validation(n)
-            if n_val < 1 or n - n_val < 2:
-                raise ValueError(
-                    f"early_stopping with validation_fraction={self.validation_fraction}"
-                    f" leaves too few rows out of n_samples={n}."
-                )
+        n, n_val = X.shape[0], self._held_out_rows(X, sample_weight)
+        if n_val:
             perm = torch.randperm(n, generator=generator).numpy()
             val, train = perm[:n_val], np.sort(perm[n_val:])
             X_val, w_val = X[np.sort(val)], sample_weight[np.sort(val)]
