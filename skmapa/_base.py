@@ -827,10 +827,13 @@ class BaseDeepDensity(
             X = X.copy()
         return torch.as_tensor(X, device=self.device_).to(self._torch_dtype)
 
-    def _standardize(self, X):
+    def _standardized_array(self, X):
+        """``X`` in the estimator's standardized units, as a float64 array."""
         with np.errstate(over="ignore"):  # rows beyond float64: see _log_px
-            Xs = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
-        return self._to_tensor(Xs)
+            return (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
+
+    def _standardize(self, X):
+        return self._to_tensor(self._standardized_array(X))
 
     def _held_out_rows(self, X, sample_weight):
         """Rows held out of training (``data.X_val``): those of early stopping."""

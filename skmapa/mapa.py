@@ -115,11 +115,11 @@ REFINE_VALIDATION_MAX_ROWS = 2000
 REFINE_VALIDATION_BELOW_ROWS = 1000
 REFINE_VALIDATION_MIN_NOISE = 0.2
 #: Below ``REFINE_VALIDATION_BELOW_ROWS`` rows without a low-dimensional
-#: structure, globally and locally, ``validation_fraction`` of the rows are
-#: held out of both phases (they are not atoms), and the second phase judges
-#: its start against the linear model on them and keeps its best held-out
-#: state. Globally: probabilistic PCA with ``n_components`` (all the rows,
-#: standardized, before any is held out) leaves at least
+#: structure, globally and locally, rows are held out of both phases (as
+#: many as early stopping would hold out; they are not atoms), and the second
+#: phase judges its start against the linear model on them and keeps its
+#: best held-out state. Globally: probabilistic PCA with ``n_components``
+#: (all the rows, standardized, before any is held out) leaves at least
 #: ``LINEAR_CHECK_MIN_NOISE`` of the variance to the noise; locally: the
 #: neighbourhoods' residual off a fit of ``n_components`` dimensions
 #: (``_mapa.local_residual``) is at least ``LINEAR_CHECK_MIN_RESIDUAL``.
@@ -1082,7 +1082,7 @@ class MAPADensity(BaseDeepDensity):
                 or self._n_validation(X.shape[0]) < AUTO_MIN_VALIDATION_ROWS):
             return False
         keep = sample_weight > 0
-        Xs, w = ((X - self.mean_) / self.scale_)[keep], sample_weight[keep]
+        Xs, w = self._standardized_array(X)[keep], sample_weight[keep]
         if float(np.mean(probabilistic_pca(Xs, w, self.n_components).noise_var)
                  ) < LINEAR_CHECK_MIN_NOISE:
             return False
