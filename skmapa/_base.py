@@ -419,7 +419,9 @@ _COMMON_PARAMETERS = """
         0.856; see :ref:`mapa_formulation`), and with one latent dimension
         0.1 in both phases where the rows lie near a densely sampled curve
         (``local_residual_`` below 0.03: the curve in 50-D 0.368 to 0.355,
-        at 300 rows 1.57 to 1.46) or have one feature; below 1000 training
+        at 300 rows 1.57 to 1.46) or have one feature, and with six or more
+        latent dimensions 0.1 in both phases (digits with eight: +0.6 nats
+        per image); below 1000 training
         rows MAPA's 0.1 is ``0.1 * sqrt(1000 / n)`` (0.26 at 150 rows: the
         curve in 50-D 3.31 to 2.93); for ``VAEDensity`` and
         ``IWAEDensity`` 0 (0.1 lost: their amortised encoder already holds
@@ -529,7 +531,8 @@ _COMMON_ATTRIBUTES = """
         The weight decay used (``weight_decay`` resolved; for MAPA with
         'auto', the second phase's, or the first phase's where there is no
         second: with one latent dimension the first phase decays where the
-        rows lie near a curve, ``local_residual_``, or have one feature).
+        rows lie near a curve, ``local_residual_``, or have one feature, and
+        with six or more latent dimensions it decays).
     n_iter_ : int
         Epochs run (begun), over all training stages.
     n_steps_ : int

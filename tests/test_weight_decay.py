@@ -137,6 +137,28 @@ def test_mapa_auto_decays_the_second_phase_near_a_manifold(
     assert {d for _, d in seen} == {0.25} and est.weight_decay_ == 0.25
 
 
+@pytest.mark.skipif(not _base._FUSED_ADAM, reason="needs the fused AdamW kernel")
+@pytest.mark.parametrize("n_components, expected", [
+    (mapa_module.DECAY_MIN_COMPONENTS - 2, 0.0),
+    (mapa_module.DECAY_MIN_COMPONENTS, auto_decay(300))])
+def test_mapa_auto_decays_both_phases_with_many_latent_dimensions(
+        n_components, expected, monkeypatch):
+    """'auto' on a noisy table (nothing decays with four latent dimensions)
+    decays every stage of both phases from DECAY_MIN_COMPONENTS latent
+    dimensions on (measured in docs/user_guide/mapa.rst, "High-dimensional
+    data")."""
+    seen = _stage_decays(monkeypatch)
+    X = _linear_table(n=300, D=12)
+    X += np.random.RandomState(1).normal(size=X.shape)  # mostly noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = MAPADensity(n_components=n_components, hidden_layer_sizes=(8,),
+                          max_iter=2, refine_iter=2, random_state=0).fit(X)
+    stages = dict(seen)
+    assert "refine" in stages and len(stages) > 1
+    assert set(stages.values()) == {expected} and est.weight_decay_ == expected
+
+
 @pytest.mark.parametrize("decay, steps", [(0.0, 20), (0.1, 40)])
 def test_a_decaying_second_phase_runs_longer(decay, steps, monkeypatch):
     """With two latent dimensions the 'auto' budget of the second phase is
