@@ -1034,8 +1034,9 @@ class MAPADensity(BaseDeepDensity):
             self.codes_.copy_(torch.as_tensor(new).to(self.codes_))
 
     def _validation_phase1(self, data):
-        # the linear check's rows judge the second phase only
-        if data.X_val is None or self._linear_check_rows:
+        # without early stopping, held-out rows are the linear check's: they
+        # judge the second phase only
+        if data.X_val is None or not self.early_stopping_:
             return None
         Xv = data.X_val
         idx, log_q = self._neighbour_proposal(Xv)
@@ -1079,8 +1080,9 @@ class MAPADensity(BaseDeepDensity):
         check's where ``_checks_linear``: as many as early stopping would
         hold out (``_n_validation``)."""
         n_val = super()._held_out_rows(X, sample_weight)
-        self._linear_check_rows = not n_val and self._checks_linear(X, sample_weight)
-        return self._n_validation(X.shape[0]) if self._linear_check_rows else n_val
+        if not n_val and self._checks_linear(X, sample_weight):
+            return self._n_validation(X.shape[0])
+        return n_val
 
     def _checks_linear(self, X, sample_weight):
         """Whether a fresh fit (``refine_iter`` and ``init`` 'auto', no
