@@ -756,7 +756,7 @@ class BaseDeepDensity(
         """
         self._validate_params()
         self._fit_start = time.perf_counter()
-        warm = self.warm_start and hasattr(self, "decoder_")
+        warm = self._continues_fit()
         attributes_before = set(vars(self)) - {"n_features_in_", "feature_names_in_"}
         X = validate_data(
             self,
@@ -837,6 +837,10 @@ class BaseDeepDensity(
 
     def _standardize(self, X):
         return self._to_tensor(self._standardized_array(X))
+
+    def _continues_fit(self):
+        """Whether ``fit`` goes on from the fitted networks (``warm_start``)."""
+        return self.warm_start and hasattr(self, "decoder_")
 
     def _held_out_rows(self, X, sample_weight):
         """Rows held out of training (``data.X_val``): those of early stopping."""

@@ -1092,8 +1092,7 @@ class MAPADensity(BaseDeepDensity):
         (standardized) leaves at least ``LINEAR_CHECK_MIN_NOISE`` of the
         variance to the noise and their neighbourhoods' local residual is at
         least ``LINEAR_CHECK_MIN_RESIDUAL``."""
-        warm = self.warm_start and hasattr(self, "decoder_")
-        if (warm or self.refine_iter != "auto" or self.init != "auto"
+        if (self._continues_fit() or self.refine_iter != "auto" or self.init != "auto"
                 or X.shape[0] >= REFINE_VALIDATION_BELOW_ROWS
                 or self._n_validation(X.shape[0]) < AUTO_MIN_VALIDATION_ROWS):
             return False
