@@ -56,6 +56,7 @@ from ._utils import (
     sampling_rng,
     torch_generator,
     torch_threads,
+    weighted_mean_scale,
 )
 
 #: Largest gradient norm before clipping.
@@ -815,12 +816,9 @@ class BaseDeepDensity(
         return self
 
     def _set_standardization(self, X, sample_weight):
-        w = sample_weight / sample_weight.sum()
-        mean = w @ X
-        var = w @ (X - mean) ** 2
-        scale = np.sqrt(var)
+        mean, scale, varies = weighted_mean_scale(X, sample_weight)
         # constant columns keep unit scale, as in StandardScaler
-        scale[scale <= 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1)] = 1.0
+        scale[~varies] = 1.0
         self.mean_ = mean.astype(np.float64)
         self.scale_ = scale.astype(np.float64)
 

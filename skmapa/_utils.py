@@ -171,3 +171,13 @@ def torch_threads(n):
             target = _THREAD_SAVED if _THREAD_USERS == 0 else previous
             if torch.get_num_threads() != target:
                 torch.set_num_threads(target)
+
+
+def weighted_mean_scale(X, weights):
+    """Weighted mean and standard deviation of the columns of ``X``, and
+    which columns vary (a standard deviation above rounding error)."""
+    w = weights / weights.sum()
+    mean = w @ X
+    scale = np.sqrt(w @ (X - mean) ** 2)
+    varies = scale > 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1)
+    return mean, scale, varies
