@@ -116,9 +116,9 @@ REFINE_VALIDATION_BELOW_ROWS = 1000
 REFINE_VALIDATION_MIN_NOISE = 0.2
 #: Below ``REFINE_VALIDATION_BELOW_ROWS`` rows without a low-dimensional
 #: structure, globally and locally, rows are held out of both phases (as
-#: many as early stopping would hold out; they are not atoms), and the second
-#: phase judges its start against the linear model on them and keeps its
-#: best held-out state. Both statistics are taken within each piece of the
+#: many as early stopping would hold out; they are not atoms): each phase
+#: keeps its best state on them, and the second judges its start against
+#: the linear model on them. Both statistics are taken within each piece of the
 #: neighbour graph, standardized on its own (``_mapa.structure_within_pieces``;
 #: on a connected graph, all the rows before any is held out). Globally:
 #: probabilistic PCA with ``n_components`` leaves at least
@@ -410,8 +410,8 @@ class MAPADensity(BaseDeepDensity):
         on Gaussian noise of the piece's size to the noise, and the
         neighbourhoods' local residual is at least 0.2: noise, or clusters
         of noise) those rows are held out of both phases, so that the check
-        is fair (``validation_scores_`` then holds the second phase's
-        held-out bound).
+        is fair, and each phase keeps its best state on them
+        (``validation_scores_`` then holds both phases' held-out bounds).
     n_graph_components_ : int
         Connected components of the symmetrised neighbour graph of the
         training rows (1: connected).
@@ -1045,10 +1045,12 @@ class MAPADensity(BaseDeepDensity):
             self.codes_.copy_(torch.as_tensor(new).to(self.codes_))
 
     def _validation_phase1(self, data):
-        # without early stopping, held-out rows are the linear check's: they
-        # judge the second phase only
-        if data.X_val is None or not self.early_stopping_:
+        # held-out rows (early stopping's or the linear check's) judge the
+        # first phase too: it keeps its best held-out state
+        if data.X_val is None:
             return None
+        if self.validation_scores_ is None:
+            self.validation_scores_ = []
         Xv = data.X_val
         idx, log_q = self._neighbour_proposal(Xv)
         wv = data.weights_val

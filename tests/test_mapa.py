@@ -1129,9 +1129,10 @@ def test_structure_within_pieces_is_judged_against_gaussian_noise():
 def test_rows_are_held_out_where_clusters_have_no_structure_within():
     """150 rows of three Gaussian clusters in 30-D (exact density known): the
     neighbour graph's pieces are the clusters, structureless within, so rows
-    are held out of both phases and the second phase keeps its best
-    held-out state. Held-out KL to the truth measured 1.52 / 1.16 / 1.30
-    nats per row (seeds 0 / 1 / 2; 4.16 / 3.45 / 3.26 fitting every row)."""
+    are held out of both phases and each phase keeps its best held-out
+    state. Held-out KL to the truth measured 0.70 / 0.78 / 0.79 nats per row
+    (seeds 0 / 1 / 2; 1.52 / 1.16 / 1.30 with the second phase alone kept at
+    its best, 4.16 / 3.45 / 3.26 fitting every row)."""
     from scipy.special import logsumexp
 
     rng = np.random.RandomState(0)
@@ -1146,4 +1147,4 @@ def test_rows_are_held_out_where_clusters_have_no_structure_within():
     assert est.n_graph_components_ == 3
     assert not est.early_stopping_ and est.validation_scores_
     kl = np.mean(truth - est.score_samples(test))
-    assert kl < 2.5, kl
+    assert kl < 1.2, kl
