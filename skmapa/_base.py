@@ -799,7 +799,9 @@ class BaseDeepDensity(
                     self._warm_start(data, generator)
                 else:
                     self.loss_curve_ = []
-                    self.validation_scores_ = [] if self.early_stopping_ else None
+                    # a list wherever rows are held out (early stopping's or
+                    # the estimator's own, ``_held_out_rows``)
+                    self.validation_scores_ = [] if data.X_val is not None else None
                     self.n_iter_ = 0
                     self.n_steps_ = 0
                     self.n_row_passes_ = {}

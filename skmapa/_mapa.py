@@ -245,7 +245,7 @@ def gaussian_noise_share(n_rows, n_features, n_components):
     """``_noise_share`` of ``n_rows`` rows of standardized Gaussian noise in
     ``n_features`` dimensions (one draw of a fixed seed): below 1 by the
     sampling spread of the eigenvalues, which the first ``n_components``
-    take (0.90 for 50 rows in 50 dimensions and two components, 0.98 for
+    take (0.90 for 50 rows in 50 dimensions and two components, 0.95 for
     700 rows in 10)."""
     Z = np.random.default_rng(0).standard_normal((n_rows, n_features))
     ones = np.ones(n_rows)
@@ -253,9 +253,10 @@ def gaussian_noise_share(n_rows, n_features, n_components):
 
 
 def structure_within_pieces(X, weights, n_components, n_neighbors):
-    """How little low-dimensional structure the rows have, within each piece
-    (connected component) of their ``n_neighbors``-NN graph, each piece
-    standardized on its own: ``(noise, residual)``, weighted means over the
+    """How little low-dimensional structure the rows ``X`` (standardized
+    with ``weights``) have, within each piece (connected component) of their
+    ``n_neighbors``-NN graph, each piece standardized on its own:
+    ``(noise, residual)``, weighted means over the
     pieces. ``noise`` is the share of the variance probabilistic PCA with
     ``n_components`` leaves to its noise, relative to the share it leaves on
     Gaussian noise of the piece's size (``gaussian_noise_share``), about 1
@@ -265,9 +266,9 @@ def structure_within_pieces(X, weights, n_components, n_neighbors):
     small to fit (at most ``n_components + 1`` rows) are left out; None
     where none is left or ``n_components`` leaves no direction."""
     _, idx = kneighbors(fit_neighbors(X), X, min(n_neighbors, X.shape[0]))
-    _, labels = graph_components(idx)
+    n_pieces, labels = graph_components(idx)
     stats, sizes = [], []
-    for label in np.unique(labels):
+    for label in range(n_pieces):
         rows = labels == label
         Xp, wp = X[rows], weights[rows]
         if Xp.shape[0] <= n_components + 1:
@@ -275,8 +276,10 @@ def structure_within_pieces(X, weights, n_components, n_neighbors):
         Xp = _weighted_standardized(Xp, wp)
         if Xp.shape[1] <= n_components:
             continue
-        k = min(n_neighbors, Xp.shape[0])
-        _, idx_p = kneighbors(fit_neighbors(Xp), Xp, k)
+        # one piece: its own standardization moves no distance of X's
+        # (standardized with the same weights), nor its neighbours
+        idx_p = idx if n_pieces == 1 else kneighbors(
+            fit_neighbors(Xp), Xp, min(n_neighbors, Xp.shape[0]))[1]
         residual = local_residual(Xp, idx_p, n_components, wp)
         if residual is None:
             continue

@@ -118,9 +118,10 @@ REFINE_VALIDATION_MIN_NOISE = 0.2
 #: structure, globally and locally, rows are held out of both phases (as
 #: many as early stopping would hold out; they are not atoms): each phase
 #: keeps its best state on them, and the second judges its start against
-#: the linear model on them. Both statistics are taken within each piece of the
-#: neighbour graph, standardized on its own (``_mapa.structure_within_pieces``;
-#: on a connected graph, all the rows before any is held out). Globally:
+#: the linear model on them. Both statistics are taken within each piece of
+#: the neighbour graph, standardized on its own
+#: (``_mapa.structure_within_pieces``; on a connected graph, all the rows
+#: before any is held out). Globally:
 #: probabilistic PCA with ``n_components`` leaves at least
 #: ``LINEAR_CHECK_MIN_NOISE`` of what it leaves on Gaussian noise of the same
 #: size to the noise; locally: the neighbourhoods' residual off a fit of
@@ -130,14 +131,15 @@ REFINE_VALIDATION_MIN_NOISE = 0.2
 #: noise (0.99-1.04), though the linear model of all the rows leaves 0.10-0.16
 #: to its noise (two latent dimensions): measured in the ``clusters`` suite
 #: and docs/user_guide/mapa.rst ("Clusters with no structure within").
-#: Judged against Gaussian noise, 160 rows of it in 10-D (0.88 uncorrected)
+#: Judged against Gaussian noise, 160 rows of it in 10-D (0.89 uncorrected)
 #: are caught too.
 #: make_friedman1 and make_sparse_uncorrelated (ten features, 700-800 rows),
 #: where MAPA fell below probabilistic PCA: 0.93-0.99 and 0.26-0.41 with one
 #: to four latent dimensions. The real tables (wine, breast cancer, iris,
 #: diabetes, star98, macrodata) leave 0.10-0.87 to the linear model's
 #: noise (against Gaussian noise); circles are isotropic (about 1) but their
-#: residual is below 0.13, as for the other curves and surfaces of the ``zoo`` suite at 150 rows.
+#: residual is below 0.13, as for the other curves and surfaces of the
+#: ``zoo`` suite at 150 rows.
 #: Either statistic alone misfired (residual: macrodata 0.30 with one latent
 #: dimension; PCA: make_circles). Measured in docs/user_guide/mapa.rst
 #: ("Never below the linear model").
@@ -1049,8 +1051,6 @@ class MAPADensity(BaseDeepDensity):
         # first phase too: it keeps its best held-out state
         if data.X_val is None:
             return None
-        if self.validation_scores_ is None:
-            self.validation_scores_ = []
         Xv = data.X_val
         idx, log_q = self._neighbour_proposal(Xv)
         wv = data.weights_val
