@@ -794,13 +794,16 @@ class BaseDeepDensity(
                 # rows pushed through the networks from here on are this fit's cost
                 # (a fresh fit's networks are built below, with zero counts)
                 counts_before = self._row_counts() if warm else {}
+                # validation_scores_ is a list wherever rows are held out (early
+                # stopping's or the estimator's own, ``_held_out_rows``); a warm
+                # start goes on with the list it has, or starts one
                 if warm:
+                    if data.X_val is not None and self.validation_scores_ is None:
+                        self.validation_scores_ = []
                     self._move_networks()
                     self._warm_start(data, generator)
                 else:
                     self.loss_curve_ = []
-                    # a list wherever rows are held out (early stopping's or
-                    # the estimator's own, ``_held_out_rows``)
                     self.validation_scores_ = [] if data.X_val is not None else None
                     self.n_iter_ = 0
                     self.n_steps_ = 0

@@ -221,6 +221,17 @@ def test_warm_start_continues(Estimator, curve_data):
     assert not torch.equal(first, est.decoder_.mean_net.net[0].weight)
 
 
+def test_warm_start_may_turn_early_stopping_on(Estimator, curve_data):
+    """A warm refit that holds rows out where the first fit held none records
+    its validation bound from an empty list (it had raised on None)."""
+    X, _ = curve_data
+    est = Estimator(n_components=1, max_iter=3, early_stopping=False, random_state=0,
+                    **single_stage(Estimator)).fit(X)
+    assert est.validation_scores_ is None
+    est.set_params(warm_start=True, early_stopping=True).fit(X)
+    assert len(est.validation_scores_) == 3
+
+
 def test_early_stopping_keeps_best(Estimator, curve_data):
     X, _ = curve_data
     # MAPA from its linear start (init='pca') still improves the validation
