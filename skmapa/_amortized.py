@@ -270,6 +270,8 @@ class AmortizedDensity(BaseDeepDensity):
         self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
         self._first_encoder().init_linear(*start.posterior())
 
+    _become_linear = _start_linear
+
     def _noise(self, shape, generator):
         eps = torch.randn(shape, generator=generator, dtype=torch.float64)
         return eps.to(device=self.device_, dtype=self._torch_dtype)

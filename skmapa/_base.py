@@ -392,6 +392,17 @@ class TrainingData:
         self.weights = weights
         self.X_val = X_val
         self.weights_val = weights_val
+        #: mean weight of the held-out rows over that of the training rows
+        #: (each set's weights are normalised to mean one)
+        self.val_weight = 1.0
+
+    def all_rows(self):
+        """Training and held-out rows and their weights, as numpy arrays."""
+        X, w = self.X.double().cpu().numpy(), self.weights.double().cpu().numpy()
+        if self.X_val is None:
+            return X, w
+        return (np.concatenate([X, self.X_val.double().cpu().numpy()]),
+                np.concatenate([w, self.val_weight * self.weights_val.double().cpu().numpy()]))
 
 
 _COMMON_PARAMETERS = """
@@ -552,6 +563,16 @@ _COMMON_ATTRIBUTES = """
     converged_ : bool
         Whether every training stage stopped by its convergence criterion
         (``tol``, ``n_iter_no_change``) rather than at its budget.
+    linear_fallback_ : bool
+        Whether the fitted model was replaced by its linear special case:
+        where rows were held out (``validation_scores_`` is a list) and
+        ``init='auto'``, if probabilistic PCA with ``n_components`` of the
+        training rows scores better on them than the trained model, the
+        model becomes it, fitted to all the rows (the decoder's linear part,
+        its nonlinear part zero; the encoder or MAPA's codes at its exact
+        posterior). A deep model then never ends below the linear one by
+        that test; the held-out rows also chose the trained model's best
+        state, so the test leans towards keeping it.
     device_ : torch.device
         Device the networks live on.
     n_row_passes_ : dict
@@ -873,6 +894,7 @@ class BaseDeepDensity(
         if X_val is not None:
             data.X_val = self._standardize(X_val)
             data.weights_val = self._to_tensor(w_val / max(w_val.mean(), 1e-300))
+            data.val_weight = float(w_val.mean() / mean_w)
         return data
 
     #: ``early_stopping='auto'`` holds out validation rows below this many rows.
@@ -1016,6 +1038,38 @@ class BaseDeepDensity(
             raise
         self.converged_ = converged
         self._finish_fit(counts_before, generator)
+        self._fall_back_to_linear(data)
+
+    @torch.no_grad()
+    def _fall_back_to_linear(self, data):
+        """Never below the linear special case where rows were held out
+        (``data.X_val``) and ``init='auto'``: if probabilistic PCA of the
+        training rows scores better on them (its exact log-density) than the
+        fitted model (its estimated log-likelihood, ``_log_px_standardized``),
+        the model becomes it, fitted to the training and held-out rows
+        together (``_become_linear``; ``linear_fallback_``). The held-out
+        rows chose the model's best state too, so the test leans towards the
+        fitted model."""
+        self.linear_fallback_ = False
+        if data.X_val is None or self.init != "auto":
+            return
+        weights = data.weights_val.double().cpu().numpy()
+        start = self._linear_start(data)
+        linear = np.average(start.log_density(data.X_val.double().cpu().numpy()),
+                            weights=weights)
+        fitted = np.average(self._log_px_standardized(data.X_val)[0], weights=weights)
+        if linear > fitted:
+            self._progress(f"held-out rows: probabilistic PCA scores {linear:.4g} nats per "
+                           f"row, the fitted model {fitted:.4g}; the model becomes it, "
+                           "fitted to every row")
+            self._become_linear(probabilistic_pca(*data.all_rows(), self.n_components))
+            self.linear_fallback_ = True
+            self.noise_scale_ = self.decoder_.scale.detach().cpu().double().numpy() * self.scale_
+            self._build_quadrature()
+
+    def _become_linear(self, start):
+        """Set the networks to the linear-Gaussian model ``start`` exactly."""
+        raise NotImplementedError
 
     def _batch_size(self, n_units):
         batch = self.batch_size

@@ -27,6 +27,15 @@ class LinearStart:
     weight: np.ndarray        # (D, d)
     noise_var: np.ndarray     # (D,)
 
+    def log_density(self, X):
+        """Exact log-density of the rows ``X`` under the model (marginal
+        ``N(mean, weight weight^T + diag(noise_var))``)."""
+        cov = self.weight @ self.weight.T + np.diag(self.noise_var)
+        chol = np.linalg.cholesky(cov)
+        z = np.linalg.solve(chol, (np.asarray(X) - self.mean).T)
+        return -0.5 * ((z * z).sum(0) + len(self.mean) * np.log(2 * np.pi)) - np.log(
+            np.diag(chol)).sum()
+
     def posterior(self):
         """``(A, offset, log_std)``: posterior mean ``offset + A x``, its log std.
 

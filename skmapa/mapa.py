@@ -114,7 +114,7 @@ REFINE_VALIDATION_MAX_ROWS = 2000
 #: second phase runs").
 REFINE_VALIDATION_BELOW_ROWS = 1000
 REFINE_VALIDATION_MIN_NOISE = 0.2
-#: Below ``REFINE_VALIDATION_BELOW_ROWS`` rows without a low-dimensional
+#: Below ``LINEAR_CHECK_BELOW_ROWS`` rows without a low-dimensional
 #: structure, globally and locally, rows are held out of both phases (as
 #: many as early stopping would hold out; they are not atoms): each phase
 #: keeps its best state on them, and the second judges its start against
@@ -145,6 +145,19 @@ REFINE_VALIDATION_MIN_NOISE = 0.2
 #: ("Never below the linear model").
 LINEAR_CHECK_MIN_NOISE = 0.9
 LINEAR_CHECK_MIN_RESIDUAL = 0.2
+#: The linear check holds rows out below ``LINEAR_CHECK_BELOW_ROWS`` rows,
+#: where they also choose the second phase's start (``_linear_if_better``);
+#: with two or more latent dimensions below ``LINEAR_CHECK_BELOW_ROWS_2D``,
+#: where from ``LINEAR_CHECK_BELOW_ROWS`` on only the fit's fallback to the
+#: linear model (``_fall_back_to_linear``) judges on them. Measured in
+#: docs/user_guide/mapa.rst ("Never below the linear model"): Gaussian noise
+#: in 10-D at 1000-4000 rows had ended 0.01-0.15 nats per row below
+#: probabilistic PCA and now ends at it; choosing the start there too cost
+#: make_friedman1 (2000 rows) 0.16, and with one latent dimension the held-out
+#: rows cost a rank-5 table in 50-D (make_low_rank_matrix, 1000 rows)
+#: 0.31-0.53.
+LINEAR_CHECK_BELOW_ROWS = 1000
+LINEAR_CHECK_BELOW_ROWS_2D = 5000
 #: Importance samples per row of the second phase when
 #: ``refine_samples='auto'``, by latent dimension (beyond the last entry: the
 #: last). With two latent dimensions the MAPA mixture spreads over the 2-D
@@ -1099,15 +1112,17 @@ class MAPADensity(BaseDeepDensity):
 
     def _checks_linear(self, X, sample_weight):
         """Whether a fresh fit (``refine_iter`` and ``init`` 'auto', no
-        ``early_stopping``) of fewer than ``REFINE_VALIDATION_BELOW_ROWS``
-        rows holds rows out of both phases to check its second phase's start
-        against the linear model: where, within the pieces of the neighbour
+        ``early_stopping``) of fewer than ``LINEAR_CHECK_BELOW_ROWS`` rows
+        (``LINEAR_CHECK_BELOW_ROWS_2D`` with two or more latent dimensions)
+        holds rows out of both phases to check its second phase's start and
+        its end against the linear model: where, within the pieces of the neighbour
         graph (``_mapa.structure_within_pieces``), probabilistic PCA leaves
         at least ``LINEAR_CHECK_MIN_NOISE`` of what it leaves on Gaussian
         noise and the neighbourhoods' local residual is at least
         ``LINEAR_CHECK_MIN_RESIDUAL``."""
         if (self._continues_fit() or self.refine_iter != "auto" or self.init != "auto"
-                or X.shape[0] >= REFINE_VALIDATION_BELOW_ROWS
+                or X.shape[0] >= (LINEAR_CHECK_BELOW_ROWS_2D if self.n_components >= 2
+                                  else LINEAR_CHECK_BELOW_ROWS)
                 or self._n_validation(X.shape[0]) < AUTO_MIN_VALIDATION_ROWS):
             return False
         keep = sample_weight > 0
@@ -1164,7 +1179,11 @@ class MAPADensity(BaseDeepDensity):
 
         def before():
             self._update_atom_scales()
-            if validation is not None and self.init == "auto":
+            # from LINEAR_CHECK_BELOW_ROWS rows the linear check's rows judge
+            # only the end (_fall_back_to_linear)
+            late_check = (data.X_val is not None and not self.early_stopping_
+                          and self.n_samples_fit_ >= LINEAR_CHECK_BELOW_ROWS)
+            if validation is not None and self.init == "auto" and not late_check:
                 self._linear_if_better(validation, data)
             if self.refine_proposal_ == "adaptive":
                 # one learnt proposal component per training row, started at
@@ -1220,13 +1239,7 @@ class MAPADensity(BaseDeepDensity):
         if atoms is not None:
             first = min(first, float(atoms()))
         kept, scales = self._snapshot(None), self._atom_log_scales
-        start = self._linear_start(data)
-        self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
-        A, offset, _ = start.posterior()
-        codes = _mapa.match_prior(self.X_fit_ @ A.T + offset, np.exp(self.atom_log_prior_),
-                                  self._rng, _mapa.INIT_ROTATIONS)
-        self.codes_.copy_(torch.as_tensor(codes).to(self.codes_))
-        self._update_atom_scales()
+        self._become_linear(self._linear_start(data), rng=self._rng)
         linear = float(validation())
         if linear < first:
             self.refine_start_ = "linear"
@@ -1307,6 +1320,20 @@ class MAPADensity(BaseDeepDensity):
         if cache is not None:
             cache.update(rows, z, log_w)
         return log_mean_weights(log_w)
+
+    @torch.no_grad()
+    def _become_linear(self, start, rng=None):
+        """The decoder at the linear model ``start``, the codes its
+        posterior means (with ``rng``, as a start of training: matched to
+        the prior, as every start's codes are)."""
+        self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
+        A, offset, _ = start.posterior()
+        codes = self.X_fit_ @ A.T + offset
+        if rng is not None:
+            codes = _mapa.match_prior(codes, np.exp(self.atom_log_prior_), rng,
+                                      _mapa.INIT_ROTATIONS)
+        self.codes_.copy_(torch.as_tensor(codes).to(self.codes_))
+        self._update_atom_scales()
 
     def _update_atom_scales(self):
         with torch.no_grad():
