@@ -270,7 +270,14 @@ class AmortizedDensity(BaseDeepDensity):
         self.decoder_.init_linear(start.weight, start.mean, np.sqrt(start.noise_var))
         self._first_encoder().init_linear(*start.posterior())
 
-    _become_linear = _start_linear
+    def _become_linear(self, start):
+        """Decoder and every encoder component at the probabilistic PCA
+        solution: the mixture is then the exact posterior, whatever its
+        gates."""
+        self._start_linear(start)
+        if isinstance(self.encoder_, MixtureEncoder):
+            for head in self.encoder_.heads[1:]:
+                head.init_linear(*start.posterior())
 
     def _noise(self, shape, generator):
         eps = torch.randn(shape, generator=generator, dtype=torch.float64)

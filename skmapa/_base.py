@@ -1012,6 +1012,7 @@ class BaseDeepDensity(
             print(f"[{type(self).__name__}] {message} ({elapsed:.1f} s)", flush=True)
 
     def _train(self, data, generator, counts_before):
+        self.linear_fallback_ = False
         converged = True
         stage = stage_name = None
         best_snapshot = None
@@ -1050,7 +1051,6 @@ class BaseDeepDensity(
         together (``_become_linear``; ``linear_fallback_``). The held-out
         rows chose the model's best state too, so the test leans towards the
         fitted model."""
-        self.linear_fallback_ = False
         if data.X_val is None or self.init != "auto":
             return
         weights = data.weights_val.double().cpu().numpy()
