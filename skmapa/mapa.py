@@ -419,14 +419,18 @@ class MAPADensity(BaseDeepDensity):
         data, ``early_stopping``) and ``init='auto'``, it starts from the
         linear special case (probabilistic PCA, the codes its posterior
         means) if that scores better on the held-out rows than the first
-        phase's fit. Below 1000 rows without a low-dimensional structure
-        within the pieces of the neighbour graph (each piece standardized
-        on its own, probabilistic PCA leaves at least 0.9 of what it leaves
-        on Gaussian noise of the piece's size to the noise, and the
-        neighbourhoods' local residual is at least 0.2: noise, or clusters
-        of noise) those rows are held out of both phases, so that the check
-        is fair, and each phase keeps its best state on them
-        (``validation_scores_`` then holds both phases' held-out bounds).
+        phase's fit (scored by the better of the continuous model's
+        held-out bound and its atoms'). Below 1000 rows without a
+        low-dimensional structure within the pieces of the neighbour graph
+        (each piece standardized on its own, probabilistic PCA leaves at
+        least 0.9 of what it leaves on Gaussian noise of the piece's size to
+        the noise, and the neighbourhoods' local residual is at least 0.2:
+        noise, or clusters of noise) those rows are held out of both phases,
+        so that the check is fair, and each phase keeps its best state on
+        them (``validation_scores_`` then holds both phases' held-out
+        bounds). With two or more latent dimensions such rows are held out
+        up to 5000 rows; from 1000 rows on they judge only the end of the
+        fit (``linear_fallback_``).
     n_graph_components_ : int
         Connected components of the symmetrised neighbour graph of the
         training rows (1: connected).
