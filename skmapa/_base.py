@@ -1064,8 +1064,7 @@ class BaseDeepDensity(
                            "fitted to every row")
             self._become_linear(probabilistic_pca(*data.all_rows(), self.n_components))
             self.linear_fallback_ = True
-            self.noise_scale_ = self.decoder_.scale.detach().cpu().double().numpy() * self.scale_
-            self._build_quadrature()
+            self._decoder_changed()
 
     def _become_linear(self, start):
         """Set the networks to the linear-Gaussian model ``start`` exactly."""
@@ -1279,6 +1278,11 @@ class BaseDeepDensity(
             self.n_eval_samples, self.n_components, generator
         )
         self.eval_offset_ = float(torch.rand((), generator=generator, dtype=torch.float64))
+        self._decoder_changed()
+
+    def _decoder_changed(self):
+        """What depends on the fitted decoder: ``noise_scale_`` and the
+        quadrature grid."""
         self.noise_scale_ = self.decoder_.scale.detach().cpu().double().numpy() * self.scale_
         self._build_quadrature()
 

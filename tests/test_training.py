@@ -129,7 +129,7 @@ def test_become_linear_scores_probabilistic_pca_exactly(Estimator, kwargs):
                             **TINY).fit(X)
             Xs = (X - est.mean_) / est.scale_
             est._become_linear(probabilistic_pca(Xs, np.ones(len(X)), d))
-            est._build_quadrature()
+            est._decoder_changed()
             if Estimator is not MAPADensity:  # the encoder at the exact posterior
                 A, offset, _ = probabilistic_pca(Xs, np.ones(len(X)), d).posterior()
                 np.testing.assert_allclose(est.transform(X[:30]), Xs[:30] @ A.T + offset,
