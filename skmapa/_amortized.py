@@ -234,7 +234,8 @@ class AmortizedDensity(BaseDeepDensity):
         rows, or, without early stopping, of up to ``INIT_SELECTION_ROWS``
         training rows. ``loss_curve_``, ``n_iter_`` and ``converged_`` are
         those of the model kept; ``n_steps_`` and ``n_row_passes_`` count
-        both runs (the cost of the fit).
+        both runs (the cost of the fit). The model kept then meets the
+        linear model (``_fall_back_to_linear``).
         """
         random_start = self.__dict__.pop("_random_start", None)
         if random_start is None:
@@ -249,8 +250,8 @@ class AmortizedDensity(BaseDeepDensity):
             if name == "random":
                 self._restore(random_start)
                 self.loss_curve_, self.n_iter_ = [], 0
-                self.validation_scores_ = [] if self.early_stopping_ else None
-            super()._train(data, generator, counts_before)
+                self.validation_scores_ = [] if data.X_val is not None else None
+            self._train_stages(data, generator, counts_before)
             # the scoring below is part of this fit's cost: counted from here
             counts_before = self._row_counts()
             score = float(np.mean(self._log_px_standardized(X_sel)[0]))
@@ -264,6 +265,7 @@ class AmortizedDensity(BaseDeepDensity):
          self.n_iter_) = fits[best]
         self._restore(snapshot)
         self._finish_fit(counts_before, generator)
+        self._fall_back_to_linear(data)
 
     def _start_linear(self, start):
         """Decoder and (first) encoder at the probabilistic PCA solution."""

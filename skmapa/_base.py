@@ -1012,6 +1012,11 @@ class BaseDeepDensity(
             print(f"[{type(self).__name__}] {message} ({elapsed:.1f} s)", flush=True)
 
     def _train(self, data, generator, counts_before):
+        self._train_stages(data, generator, counts_before)
+        self._fall_back_to_linear(data)
+
+    def _train_stages(self, data, generator, counts_before):
+        """Run every training stage, then build what scoring needs."""
         self.linear_fallback_ = False
         converged = True
         stage = stage_name = None
@@ -1039,7 +1044,6 @@ class BaseDeepDensity(
             raise
         self.converged_ = converged
         self._finish_fit(counts_before, generator)
-        self._fall_back_to_linear(data)
 
     @torch.no_grad()
     def _fall_back_to_linear(self, data):

@@ -169,6 +169,30 @@ def test_fit_falls_back_to_the_linear_model_where_it_scores_better():
     assert est.score(moons) > _ml_ppca_scores(moons, moons, 1).mean()
 
 
+@pytest.mark.parametrize("Estimator", [VAEDensity, IWAEDensity])
+def test_fallback_judges_the_start_kept_once(Estimator, monkeypatch):
+    """With ``init='auto'`` VAE and IWAE train from two starts and keep the
+    better on the held-out rows; only that model meets the linear one. Judged
+    after each start instead, a start that fell back was refitted on every
+    row, held-out rows included, and then won the choice on those rows."""
+    from skmapa._base import BaseDeepDensity
+
+    calls = []
+    fall_back = BaseDeepDensity._fall_back_to_linear
+
+    def spy(self, data):
+        calls.append(data)
+        return fall_back(self, data)
+
+    monkeypatch.setattr(BaseDeepDensity, "_fall_back_to_linear", spy)
+    X = make_moons(120, noise=0.1, random_state=0)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = Estimator(n_components=1, max_iter=3, **TINY).fit(X)
+    assert est.validation_scores_ is not None and set(est.init_scores_) == {"pca", "random"}
+    assert len(calls) == 1
+
+
 def test_pca_start_encoder_is_the_exact_posterior():
     """At the PCA start the encoder is the exact posterior, so every
     importance weight p(x, z) / q(z | x) equals p(x): the IWAE bound is
