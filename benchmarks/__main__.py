@@ -7,7 +7,7 @@ import time
 from . import _common
 
 SUITES = ("density", "curves", "scale", "related", "digits", "parallel", "refine", "real",
-          "threads", "overfit", "zoo", "scoring", "sizes", "clusters")
+          "threads", "overfit", "zoo", "scoring", "sizes", "clusters", "structureless")
 #: Suites that take ``--big`` (MAPADensity on 10^6 rows too).
 BIG_SUITES = ("scale", "sizes")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +39,7 @@ def main(argv=None):
     args = parse_args(argv)
     _common.setup_threads()
     from . import (clusters, curves, density, digits, overfit, parallel, real, refine,
-                   related, scale, scoring, sizes, threads, zoo)
+                   related, scale, scoring, sizes, structureless, threads, zoo)
 
     suites = args.suite or ["all"]
     suites = list(SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -54,7 +54,8 @@ def main(argv=None):
     modules = {"density": density, "curves": curves, "scale": scale, "related": related,
                "digits": digits, "parallel": parallel, "refine": refine, "real": real,
                "threads": threads, "overfit": overfit, "zoo": zoo,
-               "scoring": scoring, "sizes": sizes, "clusters": clusters}
+               "scoring": scoring, "sizes": sizes, "clusters": clusters,
+               "structureless": structureless}
     for name in suites:
         mod = modules[name]
         cfg = dict(mod.QUICK if args.quick else mod.FULL)
