@@ -565,12 +565,13 @@ _COMMON_ATTRIBUTES = """
         (``tol``, ``n_iter_no_change``) rather than at its budget.
     linear_fallback_ : bool
         Whether the fitted model was replaced by its linear special case:
-        where rows were held out (``validation_scores_`` is a list) and
-        ``init='auto'``, if probabilistic PCA with ``n_components`` of the
-        training rows scores better on them than the trained model, the
-        model becomes it, fitted to all the rows (the decoder's linear part,
-        its nonlinear part zero; the encoder or MAPA's codes at its exact
-        posterior). A deep model then never ends below the linear one by
+        where rows were held out of all training (early stopping's, or
+        :class:`~skmapa.MAPADensity`'s on data without a low-dimensional
+        structure) and ``init='auto'``, if probabilistic PCA with
+        ``n_components`` of the training rows scores better on them than
+        the trained model, the model becomes it, fitted to all the rows
+        (the decoder's linear part, its nonlinear part zero; the encoder or
+        MAPA's codes at its exact posterior). A deep model then never ends below the linear one by
         that test; the held-out rows also chose the trained model's best
         state, so the test leans towards keeping it.
     device_ : torch.device
