@@ -189,6 +189,14 @@ def values_of(records, dataset, estimator, key):
             if r["dataset"] == dataset and r["estimator"] == estimator]
 
 
+def write_report(out_dir, suite, parts):
+    """Write ``<suite>.md`` from its lines ``parts``, ending with where the
+    raw values are (``<suite>_raw.csv``, written by ``write_csv``)."""
+    lines = [*parts, f"Raw values: `{suite}_raw.csv`.", ""]
+    with open(os.path.join(out_dir, f"{suite}.md"), "w") as fh:
+        fh.write("\n".join(lines))
+
+
 def write_csv(path, records):
     """Write a list of flat dicts as CSV (columns: union of keys, in order)."""
     keys = []

@@ -23,7 +23,8 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
-from ._common import deep_estimator, environment_section, fmt, log, md_table, write_csv
+from ._common import (deep_estimator, environment_section, fmt, log, md_table, write_csv,
+                      write_report)
 
 #: (n_features, training rows, n_components) per configuration.
 FULL = dict(configs=[(10, 150, 1), (10, 150, 2), (10, 150, 4), (20, 150, 1), (20, 150, 2),
@@ -93,9 +94,6 @@ def run(cfg, out_dir, env, datasets=None):
         md_table(["D", "rows", "n", "seed", "MAPA", "VAE", "IWAE", "PPCA",
                   "MAPA - best deep", "pieces", "held out", "MAPA start"], rows),
         "",
-        "Raw values: `clusters_raw.csv`.",
-        "",
     ]
-    with open(os.path.join(out_dir, "clusters.md"), "w") as fh:
-        fh.write("\n".join(parts))
+    write_report(out_dir, "clusters", parts)
     return records

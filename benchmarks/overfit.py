@@ -22,7 +22,8 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
-from ._common import deep_estimator, environment_section, fmt, log, md_table, write_csv
+from ._common import (deep_estimator, environment_section, fmt, log, md_table, write_csv,
+                      write_report)
 
 FULL = dict(n_components=(2, 8), seed=0)
 QUICK = dict(n_components=(2,), seed=0)
@@ -102,9 +103,6 @@ def run(cfg, out_dir, env, datasets=None):
         md_table(["n_components", "estimator", "early_stopping", "held-out", "PPCA",
                   "held-out - PPCA", "train", "steps (all runs)"], rows),
         "",
-        "Raw values: `overfit_raw.csv`.",
-        "",
     ]
-    with open(os.path.join(out_dir, "overfit.md"), "w") as fh:
-        fh.write("\n".join(parts))
+    write_report(out_dir, "overfit", parts)
     return records

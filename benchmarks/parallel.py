@@ -29,6 +29,7 @@ from ._common import (
     md_table,
     timed,
     write_csv,
+    write_report,
 )
 
 FULL = dict(n=1000, params=dict(max_iter=100, refine_iter=20), repeats=3,
@@ -102,9 +103,6 @@ def run(cfg, out_dir, env, datasets=None):
         md_table(["setup", "wall (s)", "speed-up vs n_jobs=1, 1 thread",
                   "max abs score difference"], rows),
         "",
-        "Raw values: `parallel_raw.csv`.",
-        "",
     ]
-    with open(os.path.join(out_dir, "parallel.md"), "w") as fh:
-        fh.write("\n".join(parts))
+    write_report(out_dir, "parallel", parts)
     return records

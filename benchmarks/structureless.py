@@ -21,7 +21,8 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
-from ._common import deep_estimator, environment_section, fmt, log, md_table, write_csv
+from ._common import (deep_estimator, environment_section, fmt, log, md_table, write_csv,
+                      write_report)
 
 
 def _gaussian(n, seed):
@@ -104,9 +105,6 @@ def run(cfg, out_dir, env, datasets=None):
         "Fits more than 0.005 nats per row below PPCA: "
         + ", ".join(f"{n} {below[n]} of {len(records)}" for n in NAMES) + ".",
         "",
-        "Raw values: `structureless_raw.csv`.",
-        "",
     ]
-    with open(os.path.join(out_dir, "structureless.md"), "w") as fh:
-        fh.write("\n".join(parts))
+    write_report(out_dir, "structureless", parts)
     return records

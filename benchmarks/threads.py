@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import numpy as np
-from ._common import environment_section, fmt, log, md_table, timed, write_csv
+from ._common import environment_section, fmt, log, md_table, timed, write_csv, write_report
 
 FULL = dict(n=2000, repeats=2, estimators=("MAPA", "VAE"), cap_s=30)
 QUICK = dict(n=300, repeats=1, estimators=("VAE",), cap_s=30)
@@ -105,9 +105,6 @@ def run(cfg, out_dir, env, datasets=None):
         *environment_section(env),
         md_table(["machine", "estimator", "setup", "fit wall (s)", "/ one thread"], rows),
         "",
-        "Raw values: `threads_raw.csv`.",
-        "",
     ]
-    with open(os.path.join(out_dir, "threads.md"), "w") as fh:
-        fh.write("\n".join(parts))
+    write_report(out_dir, "threads", parts)
     return records
