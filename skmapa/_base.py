@@ -571,9 +571,9 @@ _COMMON_ATTRIBUTES = """
         ``n_components`` of the training rows scores better on them than
         the trained model, the model becomes it, fitted to all the rows
         (the decoder's linear part, its nonlinear part zero; the encoder or
-        MAPA's codes at its exact posterior). A deep model then never ends below the linear one by
-        that test; the held-out rows also chose the trained model's best
-        state, so the test leans towards keeping it.
+        MAPA's codes at its exact posterior). A deep model then never ends
+        below the linear one by that test; the held-out rows also chose the
+        trained model's best state, so the test leans towards keeping it.
     device_ : torch.device
         Device the networks live on.
     n_row_passes_ : dict
