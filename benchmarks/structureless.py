@@ -70,7 +70,7 @@ def run(cfg, out_dir, env, datasets=None):
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     est.fit(train)
                 rec[est_name] = float(est.score(test))
-                rec[f"{est_name} held out"] = est.validation_scores_ is not None
+                rec[f"{est_name} held out"] = est.n_held_out_ > 0
                 rec[f"{est_name} fallback"] = bool(est.linear_fallback_)
             records.append(rec)
             log(f"structureless {name} n={n_train} seed {seed}: "
@@ -94,9 +94,9 @@ def run(cfg, out_dir, env, datasets=None):
         "50 features (5 informative). Package defaults but `n_components=2`; IWAE with "
         "k=10. PPCA: `PCA(2).score` (held-out nats per standardized row); the estimator "
         "columns are each estimator's held-out log-likelihood minus PPCA's (negative: "
-        "below the linear model). Flags: rows held out of training (early stopping's or "
-        "MAPA's linear check), and 'linear' where the fit fell back to probabilistic PCA "
-        "(`linear_fallback_`).",
+        "below the linear model). Flags: rows held out of training (`n_held_out_`: early "
+        "stopping's, or the estimator's own on data without a low-dimensional structure), "
+        "and 'linear' where the fit fell back to probabilistic PCA (`linear_fallback_`).",
         "",
         *environment_section(env),
         md_table(["set", "features", "rows", "seed", "PPCA", "MAPA - PPCA", "VAE - PPCA",

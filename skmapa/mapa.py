@@ -115,36 +115,10 @@ REFINE_VALIDATION_MAX_ROWS = 2000
 REFINE_VALIDATION_BELOW_ROWS = 1000
 REFINE_VALIDATION_MIN_NOISE = 0.2
 #: Below ``LINEAR_CHECK_BELOW_ROWS`` rows without a low-dimensional
-#: structure, globally and locally, rows are held out of both phases (as
-#: many as early stopping would hold out; they are not atoms): each phase
-#: keeps its best state on them, and the second judges its start against
-#: the linear model on them. Both statistics are taken within each piece of
-#: the neighbour graph, standardized on its own
-#: (``_mapa.structure_within_pieces``; on a connected graph, all the rows
-#: before any is held out). Globally:
-#: probabilistic PCA with ``n_components`` leaves at least
-#: ``LINEAR_CHECK_MIN_NOISE`` of what it leaves on Gaussian noise of the same
-#: size to the noise; locally: the neighbourhoods' residual off a fit of
-#: ``n_components`` dimensions (``_mapa.local_residual``) is at least
-#: ``LINEAR_CHECK_MIN_RESIDUAL``. Within pieces, three Gaussian clusters in
-#: 10-50 dimensions (150-300 rows, ``make_blobs``) are as structureless as
-#: noise (0.99-1.04), though the linear model of all the rows leaves 0.10-0.16
-#: to its noise (two latent dimensions): measured in the ``clusters`` suite
-#: and docs/user_guide/mapa.rst ("Clusters with no structure within").
-#: Judged against Gaussian noise, 160 rows of it in 10-D (0.89 uncorrected)
-#: are caught too.
-#: make_friedman1 and make_sparse_uncorrelated (ten features, 700-800 rows),
-#: where MAPA fell below probabilistic PCA: 0.93-0.99 and 0.26-0.41 with one
-#: to four latent dimensions. The real tables (wine, breast cancer, iris,
-#: diabetes, star98, macrodata) leave 0.10-0.87 to the linear model's
-#: noise (against Gaussian noise); circles are isotropic (about 1) but their
-#: residual is below 0.13, as for the other curves and surfaces of the
-#: ``zoo`` suite at 150 rows.
-#: Either statistic alone misfired (residual: macrodata 0.30 with one latent
-#: dimension; PCA: make_circles). Measured in docs/user_guide/mapa.rst
-#: ("Never below the linear model").
-LINEAR_CHECK_MIN_NOISE = 0.9
-LINEAR_CHECK_MIN_RESIDUAL = 0.2
+#: structure, globally and locally (``BaseDeepDensity._lacks_structure``),
+#: rows are held out of both phases (as many as early stopping would hold
+#: out; they are not atoms): each phase keeps its best state on them, and the
+#: second judges its start against the linear model on them.
 #: The linear check holds rows out below ``LINEAR_CHECK_BELOW_ROWS`` rows,
 #: where they also choose the second phase's start (``_linear_if_better``);
 #: with two or more latent dimensions below ``LINEAR_CHECK_BELOW_ROWS_2D``,
@@ -1119,21 +1093,14 @@ class MAPADensity(BaseDeepDensity):
         ``early_stopping``) of fewer than ``LINEAR_CHECK_BELOW_ROWS`` rows
         (``LINEAR_CHECK_BELOW_ROWS_2D`` with two or more latent dimensions)
         holds rows out of both phases to check its second phase's start and
-        its end against the linear model: where, within the pieces of the neighbour
-        graph (``_mapa.structure_within_pieces``), probabilistic PCA leaves
-        at least ``LINEAR_CHECK_MIN_NOISE`` of what it leaves on Gaussian
-        noise and the neighbourhoods' local residual is at least
-        ``LINEAR_CHECK_MIN_RESIDUAL``."""
+        its end against the linear model: where the rows lack a
+        low-dimensional structure (``_lacks_structure``)."""
         if (self._continues_fit() or self.refine_iter != "auto" or self.init != "auto"
                 or X.shape[0] >= (LINEAR_CHECK_BELOW_ROWS_2D if self.n_components >= 2
                                   else LINEAR_CHECK_BELOW_ROWS)
                 or self._n_validation(X.shape[0]) < AUTO_MIN_VALIDATION_ROWS):
             return False
-        keep = sample_weight > 0
-        Xs, w = self._standardized_array(X)[keep], sample_weight[keep]
-        stats = _mapa.structure_within_pieces(Xs, w, self.n_components, NEIGHBORS_AUTO[-1])
-        return (stats is not None and stats[0] >= LINEAR_CHECK_MIN_NOISE
-                and stats[1] >= LINEAR_CHECK_MIN_RESIDUAL)
+        return self._lacks_structure(X, sample_weight)
 
     def _validates_refine(self, n_rows, noise_variance):
         """Whether the second phase (``refine_iter='auto'``, no
