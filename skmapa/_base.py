@@ -411,9 +411,10 @@ class TrainingStage:
     #: remainder. The VAE's and IWAE's stages do: a remainder of a few rows
     #: was one step in eight on a noisy gradient (make_classification, 50-D:
     #: the IWAE gained 0.17 / 0.20 nats per held-out row at 1030 rows, a
-    #: remainder of 6). MAPA's phases do not: on the same data at 900 rows
-    #: (a remainder of 4) MAPA lost 0.13 with even minibatches (median of
-    #: four seeds), and as much with the remainder dropped.
+    #: remainder of 6). MAPA's phases do not: on the same data at 1000 rows
+    #: (900 trained on, a remainder of 4) MAPA lost 0.13 with even
+    #: minibatches (median of four seeds), and as much with the remainder
+    #: dropped.
     even_batches: bool = False
     #: This stage's decoupled weight decay; None: the estimator's
     #: (``weight_decay`` resolved).
