@@ -358,7 +358,7 @@ class AmortizedDensity(BaseDeepDensity):
 
         return TrainingStage(name, data.X.shape[0], batch_loss, list(parameters),
                              self.max_iter, validation, before=before,
-                             average_decay=AVERAGE_DECAY, even_batches=not self.early_stopping_)
+                             average_decay=AVERAGE_DECAY, even_batches=True)
 
     def _training_stages(self, data):
         first = self._first_encoder()

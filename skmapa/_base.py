@@ -106,6 +106,20 @@ AUTO_MAX_STEPS = 4000
 #: the validation rows), MAPA's candidate codes with more than one latent
 #: dimension.
 INIT_SELECTION_ROWS = 1000
+#: The VAE's and IWAE's stages (``TrainingStage.even_batches``) cut an epoch
+#: whose last minibatch would hold fewer than this share of ``batch_size``
+#: into minibatches of even size. A remainder of a few rows was one step in
+#: eight on a noisy gradient: the IWAE on make_classification (50-D) gained
+#: 0.17 / 0.20 nats per held-out row at 1030 rows (a remainder of 6), and at
+#: 1000 rows with 100 held out (remainder 4) even minibatches made up the 0.2-
+#: 0.37 that holding the rows out had cost. Larger remainders helped as
+#: they were: with every epoch cut evenly, the IWAE lost 0.09 on macrodata
+#: (144 rows: 128 and 16; four latent dimensions, every one of five folds)
+#: and 0.1-0.3 per image on digits (1198 rows: remainder 46; three folds).
+#: MAPA keeps its remainders: even minibatches cost it 0.13 on
+#: make_classification at 1000 rows (900 trained on, remainder 4; median of
+#: four seeds), and as much with the remainder dropped.
+SPREAD_REMAINDER_BELOW = 1 / 8
 
 #: The structure test (``BaseDeepDensity._lacks_structure``): rows without a
 #: low-dimensional structure, globally and locally, where a deep latent model
@@ -406,19 +420,10 @@ class TrainingStage:
     #: of those still training: the others need no more computing
     #: (``StackedDecoders.set_active``); their reports are then NaN.
     set_active: Optional[Callable] = None
-    #: Cut each epoch into ``ceil(n_units / batch)`` minibatches whose sizes
-    #: differ by at most one unit, instead of full minibatches and the
-    #: remainder. The VAE's and IWAE's stages do without early stopping: a
-    #: remainder of a few rows was one step in eight on a noisy gradient
-    #: (make_classification, 50-D: the IWAE gained 0.17 / 0.20 nats per
-    #: held-out row at 1030 rows, a remainder of 6). Where they stop early
-    #: (fewer than 1000 rows, where they overfit) the noisy step helped:
-    #: macrodata (144 rows trained on: 128 and 16, or 72 and 72), IWAE with
-    #: four latent dimensions, five folds, -13.137 against -13.230 with even
-    #: minibatches, lower on every fold. MAPA's phases do not either: on
-    #: make_classification at 1000 rows (900 trained on, a remainder of 4)
-    #: MAPA lost 0.13 with even minibatches (median of four seeds), and as
-    #: much with the remainder dropped.
+    #: Where an epoch's remainder is under ``SPREAD_REMAINDER_BELOW`` of a
+    #: minibatch, cut the epoch into ``ceil(n_units / batch)`` minibatches
+    #: whose sizes differ by at most one unit instead (the VAE's and IWAE's
+    #: stages; measured in ``SPREAD_REMAINDER_BELOW``'s comment).
     even_batches: bool = False
     #: This stage's decoupled weight decay; None: the estimator's
     #: (``weight_decay`` resolved).
@@ -459,12 +464,12 @@ _COMMON_PARAMETERS = """
     batch_size : int or 'auto', default='auto'
         Minibatch size (clipped to the number of training units). 'auto' is
         ``clip(n_units // 200, 128, 4096)``: 128 up to 25,600 training units,
-        then larger so that an epoch takes at most ~200 steps. Without
-        early stopping the VAE and the IWAE cut each epoch into
+        then larger so that an epoch takes at most ~200 steps. Epochs are
+        cut into full minibatches and the remainder, except that the VAE
+        and the IWAE spread a remainder under an eighth of a minibatch:
         ``ceil(n_units / batch_size)`` minibatches whose sizes differ by at
         most one unit (900 rows: eight of 112-113, not seven of 128 and one
-        of 4); with it, and MAPA always, into full minibatches and the
-        remainder (measured better for each).
+        of 4; measured better for each estimator).
     learning_rate_init : float, default=1e-3
         Adam step size.
     weight_decay : 'auto' or float >= 0, default='auto'
@@ -1204,6 +1209,8 @@ class BaseDeepDensity(
         params = params + sparse
         batch = self._batch_size(stage.n_units)
         steps_per_epoch = -(-stage.n_units // batch)
+        spread = (stage.even_batches
+                  and 0 < stage.n_units % batch < batch * SPREAD_REMAINDER_BELOW)
         if stage.max_iter == "auto":
             max_steps, round_steps = int(stage.max_steps), WINDOW_STEPS
             budget = f"up to {max_steps} steps"
@@ -1242,7 +1249,7 @@ class BaseDeepDensity(
                 if not queue:
                     perm = torch.randperm(stage.n_units, generator=generator)
                     perm = perm.to(self.device_)
-                    queue = list(perm.tensor_split(steps_per_epoch) if stage.even_batches
+                    queue = list(perm.tensor_split(steps_per_epoch) if spread
                                  else perm.split(batch))[::-1]
                     epochs_done += 1
                 idx = queue.pop()
