@@ -25,8 +25,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import (AUTO_MIN_VALIDATION_ROWS, AVERAGE_DECAY, INIT_SELECTION_ROWS, BaseDeepDensity,
-                    TrainingStage)
+from ._base import AVERAGE_DECAY, INIT_SELECTION_ROWS, BaseDeepDensity, TrainingStage
 from ._mixture_encoder import MixtureEncoder
 from ._networks import DetachedDecoder, GaussianDecoder, GaussianEncoder, build
 from ._objectives import prior_marginal_bound, recursive_component_criterion
@@ -278,19 +277,10 @@ class AmortizedDensity(BaseDeepDensity):
         self._finish_fit(counts_before, generator)
         self._fall_back_to_linear(data)
 
-    def _held_out_rows(self, X, sample_weight):
-        """Early stopping's rows, or, without early stopping, rows that judge
-        the start kept and the fallback to the linear model: with
-        ``init='auto'``, below ``STRUCTURELESS_HOLD_OUT_BELOW_ROWS`` rows, where
-        the rows lack a low-dimensional structure (``_lacks_structure``); as
-        many as early stopping would hold out (``_n_validation``)."""
-        n_val = super()._held_out_rows(X, sample_weight)
-        n = X.shape[0]
-        if (n_val or self.init != "auto" or self._continues_fit()
-                or n >= STRUCTURELESS_HOLD_OUT_BELOW_ROWS
-                or self._n_validation(n) < AUTO_MIN_VALIDATION_ROWS):
-            return n_val
-        return self._n_validation(n) if self._lacks_structure(X, sample_weight) else 0
+    def _structureless_hold_out_below(self):
+        """Rows held out of data without structure choose the start kept
+        and judge the fallback to the linear model."""
+        return STRUCTURELESS_HOLD_OUT_BELOW_ROWS
 
     def _monitors_held_out(self, data):
         """Only early stopping's rows are monitored: the rows held out of

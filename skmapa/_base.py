@@ -935,10 +935,19 @@ class BaseDeepDensity(
         return self.warm_start and hasattr(self, "decoder_")
 
     def _held_out_rows(self, X, sample_weight):
-        """Rows held out of training (``data.X_val``): those of early stopping."""
-        if not self.early_stopping_:
-            return 0
+        """Rows held out of training (``data.X_val``): those of early
+        stopping, or, without it, as many where a fresh fit with
+        ``init='auto'`` of fewer than ``_structureless_hold_out_below()``
+        rows finds them without a low-dimensional structure
+        (``_lacks_structure``)."""
         n = X.shape[0]
+        if not self.early_stopping_:
+            below = self._structureless_hold_out_below()
+            if (below and n < below and self.init == "auto" and not self._continues_fit()
+                    and self._n_validation(n) >= AUTO_MIN_VALIDATION_ROWS
+                    and self._lacks_structure(X, sample_weight)):
+                return self._n_validation(n)
+            return 0
         n_val = self._n_validation(n)
         if n_val < 1 or n - n_val < 2:
             raise ValueError(
@@ -1014,6 +1023,11 @@ class BaseDeepDensity(
             return bool(self.early_stopping)
         return (n_samples < self._auto_early_stopping_below
                 and self._n_validation(n_samples) >= AUTO_MIN_VALIDATION_ROWS)
+
+    def _structureless_hold_out_below(self):
+        """Rows below which a fit without early stopping holds rows out of
+        data without structure (``_held_out_rows``); 0: never."""
+        return 0
 
     def _monitors_held_out(self, data):
         """Whether the training stages monitor the held-out rows (keep their

@@ -12,8 +12,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _mapa
-from ._base import (AUTO_MAX_STEPS, AUTO_MIN_VALIDATION_ROWS, AVERAGE_DECAY,
-                    INIT_SELECTION_ROWS, BaseDeepDensity, TrainingStage, fill_doc)
+from ._base import (AUTO_MAX_STEPS, AVERAGE_DECAY, INIT_SELECTION_ROWS, BaseDeepDensity,
+                    TrainingStage, fill_doc)
 from ._linear import regression_start
 from ._networks import GaussianDecoder, StackedDecoders, build
 from ._row_proposal import RowProposal
@@ -1079,28 +1079,14 @@ class MAPADensity(BaseDeepDensity):
         steps = math.ceil(passes * n_rows / self._batch_size(n_rows))
         return int(np.clip(steps, REFINE_MAX_STEPS, most))
 
-    def _held_out_rows(self, X, sample_weight):
-        """Early stopping's rows, or, without early stopping, the linear
-        check's where ``_checks_linear``: as many as early stopping would
-        hold out (``_n_validation``)."""
-        n_val = super()._held_out_rows(X, sample_weight)
-        if not n_val and self._checks_linear(X, sample_weight):
-            return self._n_validation(X.shape[0])
-        return n_val
-
-    def _checks_linear(self, X, sample_weight):
-        """Whether a fresh fit (``refine_iter`` and ``init`` 'auto', no
-        ``early_stopping``) of fewer than ``LINEAR_CHECK_BELOW_ROWS`` rows
-        (``LINEAR_CHECK_BELOW_ROWS_2D`` with two or more latent dimensions)
-        holds rows out of both phases to check its second phase's start and
-        its end against the linear model: where the rows lack a
-        low-dimensional structure (``_lacks_structure``)."""
-        if (self._continues_fit() or self.refine_iter != "auto" or self.init != "auto"
-                or X.shape[0] >= (LINEAR_CHECK_BELOW_ROWS_2D if self.n_components >= 2
-                                  else LINEAR_CHECK_BELOW_ROWS)
-                or self._n_validation(X.shape[0]) < AUTO_MIN_VALIDATION_ROWS):
-            return False
-        return self._lacks_structure(X, sample_weight)
+    def _structureless_hold_out_below(self):
+        """The linear check (``refine_iter='auto'``): rows held out of both
+        phases, to check the second phase's start and the fit's end against
+        the linear model, below ``LINEAR_CHECK_BELOW_ROWS`` rows
+        (``LINEAR_CHECK_BELOW_ROWS_2D`` with two or more latent dimensions)."""
+        if self.refine_iter != "auto":
+            return 0
+        return LINEAR_CHECK_BELOW_ROWS_2D if self.n_components >= 2 else LINEAR_CHECK_BELOW_ROWS
 
     def _validates_refine(self, n_rows, noise_variance):
         """Whether the second phase (``refine_iter='auto'``, no
