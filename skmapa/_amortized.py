@@ -155,7 +155,7 @@ class AmortizedDensity(BaseDeepDensity):
         hidden_layer_sizes=(64, 64),
         activation="tanh",
         batch_size="auto",
-        learning_rate_init="auto",
+        learning_rate_init=1e-3,
         weight_decay="auto",
         init="auto",
         max_iter="auto",

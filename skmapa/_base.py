@@ -68,9 +68,6 @@ MAX_GRAD_NORM = 10.0
 #: docs/user_guide/mapa.rst ("The second phase ends with the average of its
 #: last steps").
 AVERAGE_DECAY = 0.99
-#: Adam's step size with ``learning_rate_init='auto'`` (MAPADensity's
-#: exception: ``MANY_COMPONENTS_LEARNING_RATE``).
-AUTO_LEARNING_RATE = 1e-3
 #: How many times an epoch with a non-finite loss is retried at half the step.
 MAX_RECOVERIES = 6
 #: Grid points per latent dimension of the plain 2-D reference grid.
@@ -473,10 +470,8 @@ _COMMON_PARAMETERS = """
         ``ceil(n_units / batch_size)`` minibatches whose sizes differ by at
         most one unit (900 rows: eight of 112-113, not seven of 128 and one
         of 4; measured better for each estimator).
-    learning_rate_init : 'auto' or float, default='auto'
-        Adam step size. 'auto' is 1e-3, and for MAPADensity 2e-3 with six or
-        more latent dimensions (``MANY_COMPONENTS_LEARNING_RATE``); the
-        value used is ``learning_rate_``.
+    learning_rate_init : float, default=1e-3
+        Adam step size.
     weight_decay : 'auto' or float >= 0, default='auto'
         Decoupled weight decay (AdamW, Loshchilov & Hutter): at each
         optimizer step, before Adam's update, the weight matrices of the
@@ -613,8 +608,6 @@ _COMMON_ATTRIBUTES = """
         second: with one latent dimension the first phase decays where the
         rows lie near a curve, ``local_residual_``, or have one feature, and
         with six or more latent dimensions it decays).
-    learning_rate_ : float
-        Adam's step size used (``learning_rate_init`` resolved).
     n_iter_ : int
         Epochs run (begun), over all training stages.
     n_steps_ : int
@@ -687,8 +680,7 @@ class BaseDeepDensity(
         "hidden_layer_sizes": ["array-like"],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
-        "learning_rate_init": [StrOptions({"auto"}),
-                               Interval(Real, 0, None, closed="neither")],
+        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [StrOptions({"auto"}), Interval(Real, 0, None, closed="left")],
         "init": [StrOptions({"auto", "pca", "random"})],
         "max_iter": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
@@ -714,7 +706,7 @@ class BaseDeepDensity(
         hidden_layer_sizes=(64, 64),
         activation="tanh",
         batch_size="auto",
-        learning_rate_init="auto",
+        learning_rate_init=1e-3,
         weight_decay="auto",
         init="auto",
         max_iter="auto",
@@ -885,7 +877,6 @@ class BaseDeepDensity(
                 self.n_samples_fit_ = X.shape[0]
                 self.early_stopping_ = self._resolve_early_stopping(X.shape[0])
                 self.weight_decay_ = self._resolve_weight_decay()
-                self.learning_rate_ = self._learning_rate()
                 self.device_ = device
                 self._torch_dtype = dtype
                 data = self._training_data(X, sample_weight, generator)
@@ -1018,16 +1009,6 @@ class BaseDeepDensity(
         rows = min(n_rows * draws, EVAL_CALL_ROWS)
         return torch_threads(self._thread_count(
             2 * rows * self._row_flops(self.n_features_in_)))
-
-    def _learning_rate(self):
-        """Adam's step size: ``learning_rate_init`` resolved."""
-        if isinstance(self.learning_rate_init, str):  # 'auto'
-            return self._auto_learning_rate()
-        return float(self.learning_rate_init)
-
-    def _auto_learning_rate(self):
-        """The step size of ``learning_rate_init='auto'``."""
-        return AUTO_LEARNING_RATE
 
     def _resolve_weight_decay(self):
         """``weight_decay`` as a float."""
@@ -1221,7 +1202,7 @@ class BaseDeepDensity(
     def _run_rounds(self, stage, generator, monitor, average):
         params = [p for p in stage.parameters if p.requires_grad]
         sparse = [p for p in stage.sparse_parameters if p.requires_grad]
-        lr = self._learning_rate()
+        lr = self.learning_rate_init
         # AdamW's decoupled weight decay on the networks' weight matrices
         decay = (self._resolve_weight_decay() if stage.weight_decay is None
                  else float(stage.weight_decay))

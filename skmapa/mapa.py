@@ -227,19 +227,6 @@ PHASE1_DECAY_MAX_RESIDUAL = 0.03
 #: star98 -0.15, macrodata -0.03: mean -0.01) and two lost (digits -0.5).
 #: Measured in docs/user_guide/mapa.rst ("High-dimensional data").
 DECAY_MIN_COMPONENTS = 6
-#: With ``DECAY_MIN_COMPONENTS`` latent dimensions or more,
-#: ``learning_rate_init='auto'`` is this (else ``AUTO_LEARNING_RATE``, 1e-3).
-#: The decoder that a fixed posterior over many neighbours' codes trains
-#: there underfits (digits, eight latent dimensions: 4 nats per training
-#: image below the IWAE's); the larger step gained on 12 of 12 fits, held-out
-#: nats per row against 1e-3 (weight decay 'auto', which is on there):
-#: eight latent dimensions, digits (3-fold) +0.23 / +0.06 / +0.58 per image,
-#: breast cancer +0.46 / +0.45, make_classification (1500 x 20, 8
-#: informative) +0.07 / +0.07; six, breast cancer +1.23 / +0.67,
-#: make_classification +0.08 / +0.05. With one and two latent dimensions
-#: (``zoo`` suite, 1000 rows) it was mixed, and iris (120 rows) lost
-#: 0.14-0.22. Measured in docs/user_guide/mapa.rst ("High-dimensional data").
-MANY_COMPONENTS_LEARNING_RATE = 2e-3
 
 
 @fill_doc
@@ -484,7 +471,7 @@ class MAPADensity(BaseDeepDensity):
         hidden_layer_sizes=(64, 64),
         activation="tanh",
         batch_size="auto",
-        learning_rate_init="auto",
+        learning_rate_init=1e-3,
         weight_decay="auto",
         init="auto",
         max_iter="auto",
@@ -1247,13 +1234,6 @@ class MAPADensity(BaseDeepDensity):
                        and noise_variance < REFINE_WEIGHT_DECAY_MAX_NOISE)
         decays = on_manifold or self._phase1_weight_decay() > 0
         return self._auto_decay() if decays else 0.0
-
-    def _auto_learning_rate(self):
-        """``MANY_COMPONENTS_LEARNING_RATE`` with ``DECAY_MIN_COMPONENTS``
-        latent dimensions or more, else the base's."""
-        if self.n_components >= DECAY_MIN_COMPONENTS:
-            return MANY_COMPONENTS_LEARNING_RATE
-        return super()._auto_learning_rate()
 
     def _auto_decay(self):
         """The decay of ``weight_decay='auto'`` where it applies:

@@ -1175,22 +1175,3 @@ def test_linear_check_judges_the_first_phase_by_its_atoms_too():
     assert est.validation_scores_ and est.refine_start_ == "first phase"
     kl = np.mean(truth - est.score_samples(test))
     assert kl < 2.0, kl
-
-
-@pytest.mark.parametrize("n_components, expected", [(2, 1e-3), (6, 2e-3)])
-def test_auto_learning_rate_is_larger_with_many_latent_dimensions(n_components, expected):
-    # MANY_COMPONENTS_LEARNING_RATE from DECAY_MIN_COMPONENTS latent dimensions:
-    # 'auto' trains exactly as the explicit step size does, and not as the other
-    X = np.random.RandomState(0).randn(120, 10)
-    kw = dict(n_components=n_components, hidden_layer_sizes=(8,), max_iter=2,
-              refine_iter=1, random_state=0)
-    auto = MAPADensity(**kw).fit(X)
-    assert auto.learning_rate_ == expected
-    same = MAPADensity(learning_rate_init=expected, **kw).fit(X)
-    other = MAPADensity(learning_rate_init=3e-3 - expected, **kw).fit(X)
-    assert same.learning_rate_ == expected
-    for a, b, c in zip(auto.decoder_.parameters(), same.decoder_.parameters(),
-                       other.decoder_.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert any(not torch.equal(a, c) for a, c in zip(auto.decoder_.parameters(),
-                                                     other.decoder_.parameters()))
