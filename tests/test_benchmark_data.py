@@ -101,14 +101,22 @@ def test_zoo_splits(name):
     np.testing.assert_array_equal(again[1], B)
 
 
-def test_zoo_counts_the_seeds_where_mapa_leads():
-    """'seeds ahead' pairs each seed's MAPA with that seed's better deep
-    baseline (a tie counts as ahead), not the medians."""
+def test_zoo_pairs_mapa_with_each_seeds_better_deep_baseline():
+    """The gaps behind 'paired' and 'seeds ahead' pair each seed's MAPA with
+    that seed's better deep baseline (a tie is a gap of 0, counted as
+    ahead), not the medians; 'paired' is their mean ± standard error."""
     zoo = pytest.importorskip("benchmarks.zoo")
     lls = {0: (-1.0, -2.0, -1.5), 1: (-1.2, -1.3, -1.1), 2: (-0.9, -0.9, -1.0)}
     records = [{"dataset": "d", "seed": seed, "estimator": name, "heldout_ll": ll}
                for seed, values in lls.items()
                for name, ll in zip(["MAPA", "VAE", "IWAE"], values)]
     records.append({"dataset": "other", "seed": 1, "estimator": "MAPA", "heldout_ll": 9.0})
-    assert zoo._seeds_ahead(records, "d", [0, 1, 2]) == 2
-    assert zoo._seeds_ahead(records, "d", [1]) == 0
+    gaps = zoo._gaps(records, "d", [0, 1, 2])
+    np.testing.assert_allclose(gaps, [0.5, -0.1, 0.0], atol=1e-12)
+    assert int(np.sum(gaps >= 0)) == 2
+    np.testing.assert_allclose(zoo._gaps(records, "d", [1]), [-0.1])
+    # mean 2/15; deviations 11/30, -7/30, -4/30: sd^2 = (121 + 49 + 16) / 900 / 2
+    mean, se = (float(v) for v in zoo._mean_se(gaps).split(" ± "))
+    np.testing.assert_allclose(mean, 2 / 15, rtol=1e-2)
+    np.testing.assert_allclose(se, (186 / 1800 / 3) ** 0.5, rtol=1e-2)
+    assert zoo._mean_se(np.array([0.25])) == "0.250"
