@@ -317,7 +317,10 @@ def write_report(records, cfg, out_dir, env, sets, figure):
         f"{len(cfg['kde_bandwidths'])} log-spaced values in [{cfg['kde_bandwidths'][0]:g}, "
         f"{cfg['kde_bandwidths'][-1]:g}]; GMM (CV): full covariances, n_components in "
         f"{cfg['gmm_components']}; both by {cfg['cv_folds']}-fold CV of the mean "
-        f"`score_samples`. Every figure is the {agg}.",
+        f"`score_samples`. Every figure is the {agg}."
+        + (f" The (set, seed) tasks ran on {cfg['jobs']} workers at once, one torch thread "
+           "each, so every fit time includes the load of the others."
+           if cfg["jobs"] > 1 else ""),
         "",
         *environment_section(env),
         f"## Held-out mean log-likelihood (nats per row; higher is better), {agg}",
