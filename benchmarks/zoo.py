@@ -38,6 +38,7 @@ from ._common import (
     log,
     md_table,
     median,
+    setup_threads,
     timed,
     total_row_passes,
     values_of,
@@ -183,9 +184,7 @@ def _grid(X, n):
 def run_split(ds, seed, cfg, show):
     """Every estimator on one split of one set: (records, gallery entry or
     None); ``show``: also score each estimator on the gallery's grid."""
-    import torch
-
-    torch.set_num_threads(1)
+    setup_threads()  # in a worker process too: the serial run's single thread
     n_components = SETS[ds][1]
     A, B, log_density = load_split(ds, seed, cfg)
     lp_true = log_density(B) if log_density is not None else None
