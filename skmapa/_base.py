@@ -489,7 +489,9 @@ _COMMON_PARAMETERS = """
         latent dimensions 0.1 in both phases (digits with eight: +0.6 nats
         per image); below 1000 training
         rows MAPA's 0.1 is ``0.1 * sqrt(1000 / n)`` (0.26 at 150 rows: the
-        curve in 50-D 3.31 to 2.93); for ``VAEDensity`` and
+        curve in 50-D 3.31 to 2.93), with one latent dimension below 100
+        rows per feature ``0.1 * sqrt(100 D / n)`` (``D`` features; 0.22 at
+        1000 rows in 50-D: the curve there 0.028 nats per row closer); for ``VAEDensity`` and
         ``IWAEDensity`` 0 (0.1 lost: their amortised encoder already holds
         the decoder back; the IWAE's KL on the surface in 10-D 0.416 to
         0.439). The value used is ``weight_decay_``.

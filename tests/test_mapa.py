@@ -436,7 +436,7 @@ def test_first_phase_decays_near_a_dense_curve_only():
         est = MAPADensity(**kw).fit(train)
         plain = MAPADensity(weight_decay=0.0, **kw).fit(train)
     assert est.local_residual_ < mapa_module.PHASE1_DECAY_MAX_RESIDUAL
-    assert est.weight_decay_ == pytest.approx(auto_decay(300))
+    assert est.weight_decay_ == pytest.approx(auto_decay(300, 50))
     kl = [np.mean(data.log_density(test) - e.score_samples(test)) for e in (est, plain)]
     assert kl[0] < kl[1] - 0.05
 
@@ -453,11 +453,11 @@ def test_first_phase_decays_near_a_dense_curve_only():
 
 
 def test_auto_decay_grows_below_a_thousand_rows():
-    """'auto' decays by REFINE_WEIGHT_DECAY * sqrt(1000 / n) below 1000
-    training rows (REFINE_WEIGHT_DECAY from 1000 on): on 150 rows of a curve
-    in 50 dimensions the held-out KL is lower than with the 1000-row decay
-    (measured 3.31 -> 2.93 nats per row; seeds 1 and 2: 3.50 -> 2.90,
-    3.31 -> 2.99)."""
+    """'auto' decays by REFINE_WEIGHT_DECAY * sqrt(R / n) below R training
+    rows (REFINE_WEIGHT_DECAY from R on), R = 1000, and with one latent
+    dimension at least 100 per feature: on 150 rows of a curve in 50
+    dimensions (R = 5000) the held-out KL is lower than with the 1000-row
+    decay (measured 3.31 -> 2.62 nats per row)."""
     data = make_manifold(2150, n_latent=1, n_features=50, random_state=0)
     train, test = data.X[:150], data.X[150:]
     quick = dict(n_components=1, max_iter=2, refine_iter=0, random_state=0)
@@ -466,9 +466,14 @@ def test_auto_decay_grows_below_a_thousand_rows():
         for n in (150, 600, 1500):
             est = MAPADensity(**quick).fit(data.X[:n])
             assert est.local_residual_ < mapa_module.PHASE1_DECAY_MAX_RESIDUAL
-            assert est.weight_decay_ == pytest.approx(auto_decay(n))
-    assert auto_decay(1500) == mapa_module.REFINE_WEIGHT_DECAY
+            assert est.weight_decay_ == pytest.approx(auto_decay(n, 50))
+        # a curve in two features: R = 1000
+        curve = MAPADensity(**quick).fit(make_circle(600, noise=0.02, random_state=0).X)
+        assert curve.weight_decay_ == pytest.approx(auto_decay(600, 2))
+    assert auto_decay(1500) == auto_decay(1500, 10) == mapa_module.REFINE_WEIGHT_DECAY
     assert auto_decay(150) == pytest.approx(0.1 * (1000 / 150) ** 0.5)
+    assert auto_decay(600, 2) == pytest.approx(0.1 * (1000 / 600) ** 0.5)
+    assert auto_decay(1500, 50) == pytest.approx(0.1 * (5000 / 1500) ** 0.5)
     kl = []
     for decay in ("auto", mapa_module.REFINE_WEIGHT_DECAY):
         with warnings.catch_warnings():
@@ -476,6 +481,25 @@ def test_auto_decay_grows_below_a_thousand_rows():
             est = MAPADensity(n_components=1, weight_decay=decay, random_state=0).fit(train)
         kl.append(np.mean(data.log_density(test) - est.score_samples(test)))
     assert kl[0] < kl[1] - 0.15
+
+
+def test_one_latent_dimension_decays_more_with_more_features():
+    """With one latent dimension the decoder can bend towards each row in
+    every direction off the curve, so 'auto' decays more below 100 rows per
+    feature: on 300 rows of a curve in 50 dimensions (0.41 instead of the
+    0.18 of 300 rows in few features) the held-out KL is lower (measured
+    1.32 -> 1.12 nats per row; seeds 1 and 2: 1.24 -> 1.04, 1.22 -> 1.03)."""
+    data = make_manifold(2300, n_latent=1, n_features=50, random_state=0)
+    train, test = data.X[:300], data.X[300:]
+    kl = []
+    for decay in ("auto", auto_decay(300)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est = MAPADensity(n_components=1, weight_decay=decay, random_state=0).fit(train)
+        kl.append(np.mean(data.log_density(test) - est.score_samples(test)))
+    assert est.weight_decay_ == pytest.approx(auto_decay(300))
+    assert auto_decay(300) < auto_decay(300, 50)
+    assert kl[0] < kl[1] - 0.1
 
 
 def test_a_univariate_density_decays_both_phases():

@@ -100,10 +100,13 @@ def _stage_decays(monkeypatch):
     return seen
 
 
-def auto_decay(n_rows):
-    """The decay 'auto' uses where it applies, on ``n_rows`` training rows."""
-    scale = max(1.0, mapa_module.REFINE_WEIGHT_DECAY_ROWS / n_rows)
-    return mapa_module.REFINE_WEIGHT_DECAY * scale**0.5
+def auto_decay(n_rows, n_features=0):
+    """The decay 'auto' uses where it applies, on ``n_rows`` training rows
+    of ``n_features`` features with one latent dimension (0: any other fit;
+    written out here, not taken from the estimator)."""
+    rows = max(mapa_module.REFINE_WEIGHT_DECAY_ROWS,
+               mapa_module.DECAY_ROWS_PER_FEATURE_1D * n_features)
+    return mapa_module.REFINE_WEIGHT_DECAY * max(1.0, rows / n_rows)**0.5
 
 
 @pytest.mark.skipif(not _base._FUSED_ADAM, reason="needs the fused AdamW kernel")
