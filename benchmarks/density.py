@@ -66,8 +66,33 @@ QUICK = dict(
 TEST_SEED_OFFSET = 10_000
 
 
-def fit_kde(X, seed, cfg):
-    """KernelDensity on standardized data, bandwidth chosen by k-fold CV."""
+class FittedDensity:
+    """A baseline chosen by CV, in the data's units: ``score_samples`` and
+    ``sample(n, random_state)`` (KernelDensity fitted on standardized rows:
+    ``scaler``; GaussianMixture on the rows as they are)."""
+
+    def __init__(self, estimator, scaler=None):
+        self.estimator = estimator
+        self.scaler = scaler
+
+    def score_samples(self, X):
+        if self.scaler is None:
+            return self.estimator.score_samples(X)
+        log_det = float(np.sum(np.log(self.scaler.scale_)))
+        return self.estimator.score_samples(self.scaler.transform(X)) - log_det
+
+    def sample(self, n_samples, random_state=None):
+        if isinstance(self.estimator, GaussianMixture):
+            self.estimator.set_params(random_state=random_state)
+            draws = self.estimator.sample(n_samples)[0]
+        else:
+            draws = self.estimator.sample(n_samples, random_state=random_state)
+        return draws if self.scaler is None else self.scaler.inverse_transform(draws)
+
+
+def kde_model(X, seed, cfg):
+    """KernelDensity on standardized data, bandwidth chosen by k-fold CV:
+    ``(FittedDensity, record of the choice)``."""
     scaler = StandardScaler().fit(X)
     search = GridSearchCV(
         KernelDensity(),
@@ -75,17 +100,13 @@ def fit_kde(X, seed, cfg):
         cv=KFold(cfg["cv_folds"], shuffle=True, random_state=seed),
         scoring=mean_loglik,
     ).fit(scaler.transform(X))
-    log_det = float(np.sum(np.log(scaler.scale_)))
     kde = search.best_estimator_
-
-    def score_samples(Xt):
-        return kde.score_samples(scaler.transform(Xt)) - log_det
-
-    return score_samples, {"bandwidth (std. units)": float(kde.bandwidth)}
+    return FittedDensity(kde, scaler), {"bandwidth (std. units)": float(kde.bandwidth)}
 
 
-def fit_gmm(X, seed, cfg):
-    """GaussianMixture chosen by k-fold CV.
+def gmm_model(X, seed, cfg):
+    """GaussianMixture chosen by k-fold CV: ``(FittedDensity, record of the
+    choice)``.
 
     Over ``cfg["gmm_grid"]`` when given, else over the number of components
     ``cfg["gmm_components"]`` with full covariances.
@@ -98,8 +119,20 @@ def fit_gmm(X, seed, cfg):
         scoring=mean_loglik,
     ).fit(X)
     gmm = search.best_estimator_
-    return gmm.score_samples, {"gmm components": int(gmm.n_components),
-                               "gmm covariance": gmm.covariance_type}
+    return FittedDensity(gmm), {"gmm components": int(gmm.n_components),
+                                "gmm covariance": gmm.covariance_type}
+
+
+def fit_kde(X, seed, cfg):
+    """KernelDensity chosen by CV (``kde_model``): ``(score_samples, record)``."""
+    model, chosen = kde_model(X, seed, cfg)
+    return model.score_samples, chosen
+
+
+def fit_gmm(X, seed, cfg):
+    """GaussianMixture chosen by CV (``gmm_model``): ``(score_samples, record)``."""
+    model, chosen = gmm_model(X, seed, cfg)
+    return model.score_samples, chosen
 
 
 def run_one(name, X, seed, cfg):

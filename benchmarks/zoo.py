@@ -17,7 +17,13 @@ held-out KL = mean(log p_true(x) - score_samples(x)) on the test rows.
 Estimators: MAPADensity, VAEDensity and IWAEDensity at package defaults
 (``benchmarks._common.deep_estimator``) except ``n_components`` = the
 intrinsic dimension where known, 2 else; KernelDensity and GaussianMixture
-chosen by CV (``benchmarks.density.fit_kde`` and ``fit_gmm``).
+chosen by CV (``benchmarks.density.kde_model`` and ``gmm_model``).
+
+The report's two galleries (first seed): each estimator's density on a grid
+next to the training rows of the 2-D sets (``GALLERY``), and as many rows
+drawn from each estimator as there are training rows for every other set
+(one feature: histograms, with the true density where it is known; more:
+the first two principal components of the training rows).
 """
 
 import os
@@ -44,7 +50,7 @@ from ._common import (
     values_of,
     write_csv,
 )
-from .density import fit_gmm, fit_kde
+from .density import gmm_model, kde_model
 from .digits import dequantised_digits
 
 DEEP = ["MAPA", "VAE", "IWAE"]
@@ -151,7 +157,8 @@ def load_split(name, seed, cfg):
 
 
 def fit_one(name, X, seed, n_components, cfg):
-    """Fit one estimator; (score_samples, record of the fit)."""
+    """Fit one estimator; (the fitted model: ``score_samples`` and
+    ``sample(n, random_state)``, record of the fit)."""
     rec = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -163,14 +170,13 @@ def fit_one(name, X, seed, n_components, cfg):
             rec.update(flops=int(est.n_flops_), row_passes=total_row_passes(est),
                        n_iter=int(est.n_iter_), converged=bool(est.converged_),
                        noise_scale=float(np.mean(est.noise_scale_)))
-            score = est.score_samples
         else:
-            fit = fit_kde if name == "KDE (CV)" else fit_gmm
+            fit = kde_model if name == "KDE (CV)" else gmm_model
             with timed() as t:
-                score, chosen = fit(X, seed, cfg)
+                est, chosen = fit(X, seed, cfg)
             rec.update(chosen)
     rec.update(fit_wall_s=t["wall"], fit_cpu_s=t["cpu"])
-    return score, rec
+    return est, rec
 
 
 def _grid(X, n):
@@ -183,19 +189,24 @@ def _grid(X, n):
 
 def run_split(ds, seed, cfg, show):
     """Every estimator on one split of one set: (records, gallery entry or
-    None); ``show``: also score each estimator on the gallery's grid."""
+    None); ``show``: also score each estimator on the grid of a 2-D set
+    (``GALLERY``), or draw as many rows from it as there are training rows
+    (after scoring: the records do not depend on ``show``)."""
     setup_threads()  # in a worker process too: the serial run's single thread
     n_components = SETS[ds][1]
     A, B, log_density = load_split(ds, seed, cfg)
     lp_true = log_density(B) if log_density is not None else None
     records, gallery = [], None
-    if show:
+    density_grid = show and ds in GALLERY
+    if density_grid:
         axes, points = _grid(A, cfg["gallery_points"])
         gallery = {"data": A, "axes": axes}
+    elif show:
+        gallery = {"data": A, "log_density": log_density}
     for name in ESTIMATORS:
-        score, rec = fit_one(name, A, seed, n_components, cfg)
+        est, rec = fit_one(name, A, seed, n_components, cfg)
         with timed() as t:
-            lp = score(B)
+            lp = est.score_samples(B)
         out = {"dataset": ds, "seed": seed, "estimator": name,
                "n_components": n_components, "n_train": A.shape[0],
                "n_test": B.shape[0], "n_features": A.shape[1],
@@ -203,8 +214,10 @@ def run_split(ds, seed, cfg, show):
                "kl": float(np.mean(lp_true - lp)) if lp_true is not None else None,
                "score_wall_s": t["wall"], **rec}
         records.append(out)
-        if show:
-            gallery[name] = score(points)
+        if density_grid:
+            gallery[name] = est.score_samples(points)
+        elif show:
+            gallery[name] = est.sample(A.shape[0], random_state=seed)
         log(f"zoo {ds} seed={seed} {name}: LL={out['heldout_ll']:.3f}"
             + (f" KL={out['kl']:.4f}" if out["kl"] is not None else "")
             + f" fit={rec['fit_wall_s']:.1f}s score={t['wall']:.1f}s")
@@ -221,8 +234,7 @@ def run(cfg, out_dir, env, datasets=None):
     unknown = [s for s in sets if s not in SETS]
     if unknown:
         raise ValueError(f"unknown sets {unknown}; choose from {list(SETS)}")
-    tasks = [(ds, seed, ds in GALLERY and seed == cfg["seeds"][0])
-             for ds in sets for seed in cfg["seeds"]]
+    tasks = [(ds, seed, seed == cfg["seeds"][0]) for ds in sets for seed in cfg["seeds"]]
     records, gallery = [], {}
     results = Parallel(n_jobs=cfg["jobs"], return_as="generator_unordered")(
         delayed(run_split)(ds, seed, cfg, show) for ds, seed, show in tasks)
@@ -236,9 +248,11 @@ def run(cfg, out_dir, env, datasets=None):
     names = ESTIMATORS + ["truth"]
     records.sort(key=lambda r: (order[r["dataset"]], r["seed"], names.index(r["estimator"])))
     write_csv(os.path.join(out_dir, "zoo_raw.csv"), records)
-    gallery = {ds: gallery[ds] for ds in sets if ds in gallery}
-    figure = plot_gallery(gallery, out_dir) if gallery else None
-    write_report(records, cfg, out_dir, env, sets, figure)
+    grids = {ds: gallery[ds] for ds in sets if ds in gallery and ds in GALLERY}
+    draws = {ds: gallery[ds] for ds in sets if ds in gallery and ds not in GALLERY}
+    figures = {"density": plot_gallery(grids, out_dir) if grids else None,
+               "samples": plot_samples(draws, out_dir) if draws else None}
+    write_report(records, cfg, out_dir, env, sets, figures)
     return records
 
 
@@ -276,6 +290,59 @@ def plot_gallery(gallery, out_dir):
     return fname
 
 
+def plot_samples(draws, out_dir):
+    """The training rows of each set next to rows drawn from each estimator:
+    histograms with one feature (the true density as a line where known),
+    else the first two principal components of the training rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    names = list(draws)
+    columns = ["data"] + ESTIMATORS
+    fig, axs = plt.subplots(len(names), len(columns),
+                            figsize=(2.2 * len(columns), 2.2 * len(names)), squeeze=False)
+    for i, ds in enumerate(names):
+        g = draws[ds]
+        data = g["data"]
+        if data.shape[1] == 1:
+            low, high = np.percentile(data, [0.5, 99.5])
+            pad = 0.15 * (high - low)
+            bins = np.linspace(low - pad, high + pad, 60)
+            line = np.linspace(bins[0], bins[-1], 400)[:, None]
+            for j, name in enumerate(columns):
+                axs[i, j].hist(g[name].ravel(), bins=bins, density=True,
+                               color="k" if j == 0 else "C0", alpha=0.6)
+                if g["log_density"] is not None:
+                    axs[i, j].plot(line, np.exp(g["log_density"](line)), c="C3", lw=1)
+                axs[i, j].set_xlim(bins[0], bins[-1])
+            label = ds
+        else:
+            pca = PCA(2).fit(data)
+            shown = pca.transform(data)
+            low, high = np.percentile(shown, [0.5, 99.5], axis=0)
+            pad = 0.25 * (high - low)
+            for j, name in enumerate(columns):
+                axs[i, j].scatter(*pca.transform(g[name]).T, s=1, alpha=0.4,
+                                  c="k" if j == 0 else "C0")
+                axs[i, j].set_xlim(low[0] - pad[0], high[0] + pad[0])
+                axs[i, j].set_ylim(low[1] - pad[1], high[1] + pad[1])
+            label = f"{ds} (PCA)"
+        axs[i, 0].set_ylabel(label, fontsize=8)
+        for j, title in enumerate(columns):
+            if i == 0:
+                axs[i, j].set_title(title, fontsize=9)
+            axs[i, j].set_xticks([])
+            axs[i, j].set_yticks([])
+    fig.tight_layout()
+    fname = "zoo_samples.png"
+    fig.savefig(os.path.join(out_dir, fname), dpi=70)
+    plt.close(fig)
+    return fname
+
+
 def _med(records, ds, name, key):
     return median(values_of(records, ds, name, key))
 
@@ -297,7 +364,7 @@ def _mean_se(values):
     return f"{fmt(float(np.mean(values)))} ± {fmt(se)}"
 
 
-def write_report(records, cfg, out_dir, env, sets, figure):
+def write_report(records, cfg, out_dir, env, sets, figures):
     seeds = cfg["seeds"]
     agg = "median over seeds" if len(seeds) > 1 else "one seed"
     parts = [
@@ -397,14 +464,25 @@ def write_report(records, cfg, out_dir, env, sets, figure):
                  + ["KDE bandwidth", "GMM components"], rows),
         "",
     ]
-    if figure:
+    if figures["density"]:
         parts += [
             "## Gallery",
             "",
             "The training rows of the 2-D sets next to each estimator's density "
             "(`exp(score_samples)` on a grid; first seed).",
             "",
-            f"![zoo gallery]({figure})",
+            f"![zoo gallery]({figures['density']})",
+            "",
+        ]
+    if figures["samples"]:
+        parts += [
+            "## Samples",
+            "",
+            "The training rows of every other set next to as many rows drawn from each "
+            "estimator (`sample`; first seed). One feature: histograms, the true density "
+            "in red; more: the first two principal components of the training rows.",
+            "",
+            f"![zoo samples]({figures['samples']})",
             "",
         ]
     parts += ["Per-seed values: `zoo_raw.csv`.", ""]

@@ -120,3 +120,26 @@ def test_zoo_pairs_mapa_with_each_seeds_better_deep_baseline():
     np.testing.assert_allclose(mean, 2 / 15, rtol=1e-2)
     np.testing.assert_allclose(se, (186 / 1800 / 3) ** 0.5, rtol=1e-2)
     assert zoo._mean_se(np.array([0.25])) == "0.250"
+
+
+@pytest.mark.parametrize("maker", ["kde_model", "gmm_model"])
+def test_baselines_score_and_sample_in_the_data_units(maker):
+    """The CV baselines behind the zoo's sample gallery: a Gaussian of mean 5
+    and standard deviation 10 (the KDE is fitted on standardized rows) gives
+    draws of that mean and spread, the same draws for the same seed, and a
+    density in the data's units: it integrates to 1 over a grid."""
+    density = pytest.importorskip("benchmarks.density")
+    X = 5 + 10 * np.random.RandomState(0).normal(size=(400, 1))
+    cfg = dict(kde_bandwidths=np.logspace(-1, 0, 4), gmm_components=[1, 2], cv_folds=2)
+    model, chosen = getattr(density, maker)(X, 0, cfg)
+    draws = model.sample(4000, random_state=1)
+    assert draws.shape == (4000, 1)
+    np.testing.assert_array_equal(draws, model.sample(4000, random_state=1))
+    # a kernel of width h (standardized units) adds (h * sd)^2 to the variance
+    h = chosen.get("bandwidth (std. units)", 0.0)
+    spread = np.sqrt(X.var() * (1 + h ** 2))
+    assert abs(draws.mean() - X.mean()) < 0.5 and abs(draws.std() / spread - 1) < 0.05
+    grid = np.linspace(-60, 70, 4001)[:, None]
+    mass = np.exp(model.score_samples(grid)).sum() * (grid[1, 0] - grid[0, 0])
+    np.testing.assert_allclose(mass, 1.0, rtol=1e-3)
+    np.testing.assert_array_equal(X, 5 + 10 * np.random.RandomState(0).normal(size=(400, 1)))
