@@ -278,16 +278,7 @@ def plot_gallery(gallery, out_dir):
             density = np.exp(g[name].reshape(len(y), len(x)))
             axs[i, j].imshow(density, origin="lower", extent=extent, aspect="auto",
                              cmap="viridis")
-        for j, title in enumerate(["data"] + ESTIMATORS):
-            if i == 0:
-                axs[i, j].set_title(title, fontsize=9)
-            axs[i, j].set_xticks([])
-            axs[i, j].set_yticks([])
-    fig.tight_layout()
-    fname = "zoo_gallery.png"
-    fig.savefig(os.path.join(out_dir, fname), dpi=70)
-    plt.close(fig)
-    return fname
+    return _save_panels(fig, axs, os.path.join(out_dir, "zoo_gallery.png"))
 
 
 def plot_samples(draws, out_dir):
@@ -331,16 +322,23 @@ def plot_samples(draws, out_dir):
                 axs[i, j].set_ylim(low[1] - pad[1], high[1] + pad[1])
             label = f"{ds} (PCA)"
         axs[i, 0].set_ylabel(label, fontsize=8)
-        for j, title in enumerate(columns):
-            if i == 0:
-                axs[i, j].set_title(title, fontsize=9)
-            axs[i, j].set_xticks([])
-            axs[i, j].set_yticks([])
+    return _save_panels(fig, axs, os.path.join(out_dir, "zoo_samples.png"))
+
+
+def _save_panels(fig, axs, path):
+    """Title the columns (data, then the estimators), drop the ticks, save
+    ``path``; its file name, for the report."""
+    import matplotlib.pyplot as plt
+
+    for j, title in enumerate(["data"] + ESTIMATORS):
+        axs[0, j].set_title(title, fontsize=9)
+    for ax in axs.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
-    fname = "zoo_samples.png"
-    fig.savefig(os.path.join(out_dir, fname), dpi=70)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
-    return fname
+    return os.path.basename(path)
 
 
 def _med(records, ds, name, key):
