@@ -88,6 +88,7 @@ from ._common import (
     mean_loglik,
     mean_sd,
     median,
+    setup_threads,
     timed,
     total_row_passes,
     write_csv,
@@ -244,10 +245,7 @@ def fit_ppca(A, seed, cfg):
 
 def run_fold(table, fold, train, test, X, cfg):
     """Every estimator on one outer fold of one table; a list of records."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)
+    setup_threads()  # in a worker process too: the serial run's single thread
     scaler = StandardScaler().fit(X[train])
     A, B = scaler.transform(X[train]), scaler.transform(X[test])
     grid = [d for d in _per_table(cfg, "n_components", table) if d < A.shape[1]]
@@ -268,7 +266,7 @@ def run_fold(table, fold, train, test, X, cfg):
             + (f" n_components={rec['n_components']}" if "n_components" in rec else ""))
         return out
 
-    with warnings.catch_warnings(), threadpool_limits(limits=1):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.filterwarnings("ignore", message=".*non-finite.*")
         for name in DEEP:
