@@ -7,6 +7,7 @@ rows (an unbiased estimate of the KL divergence up to sampling noise, so it
 can be slightly negative for a near-perfect model).
 """
 
+import copy
 import os
 import warnings
 
@@ -83,8 +84,10 @@ class FittedDensity:
 
     def sample(self, n_samples, random_state=None):
         if isinstance(self.estimator, GaussianMixture):
-            self.estimator.set_params(random_state=random_state)
-            draws = self.estimator.sample(n_samples)[0]
+            # its sample() draws with its own random_state: a shallow copy
+            # takes the seed, the fitted estimator is left as it is
+            gmm = copy.copy(self.estimator).set_params(random_state=random_state)
+            draws = gmm.sample(n_samples)[0]
         else:
             draws = self.estimator.sample(n_samples, random_state=random_state)
         return draws if self.scaler is None else self.scaler.inverse_transform(draws)
