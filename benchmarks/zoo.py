@@ -256,16 +256,21 @@ def run(cfg, out_dir, env, datasets=None):
     return records
 
 
-def plot_gallery(gallery, out_dir):
+def _panels(n_rows):
+    """A figure of ``n_rows`` rows of panels: the data, then each estimator."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    n_columns = 1 + len(ESTIMATORS)
+    return plt.subplots(n_rows, n_columns, figsize=(2.2 * n_columns, 2.2 * n_rows),
+                        squeeze=False)
+
+
+def plot_gallery(gallery, out_dir):
     names = list(gallery)
-    fig, axs = plt.subplots(len(names), 1 + len(ESTIMATORS),
-                            figsize=(2.2 * (1 + len(ESTIMATORS)), 2.2 * len(names)),
-                            squeeze=False)
+    fig, axs = _panels(len(names))
     for i, ds in enumerate(names):
         g = gallery[ds]
         x, y = g["axes"]
@@ -285,16 +290,11 @@ def plot_samples(draws, out_dir):
     """The training rows of each set next to rows drawn from each estimator:
     histograms with one feature (the true density as a line where known),
     else the first two principal components of the training rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
     names = list(draws)
     columns = ["data"] + ESTIMATORS
-    fig, axs = plt.subplots(len(names), len(columns),
-                            figsize=(2.2 * len(columns), 2.2 * len(names)), squeeze=False)
+    fig, axs = _panels(len(names))
     for i, ds in enumerate(names):
         g = draws[ds]
         data = g["data"]
@@ -303,11 +303,12 @@ def plot_samples(draws, out_dir):
             pad = 0.15 * (high - low)
             bins = np.linspace(low - pad, high + pad, 60)
             line = np.linspace(bins[0], bins[-1], 400)[:, None]
+            truth = None if g["log_density"] is None else np.exp(g["log_density"](line))
             for j, name in enumerate(columns):
                 axs[i, j].hist(g[name].ravel(), bins=bins, density=True,
                                color="k" if j == 0 else "C0", alpha=0.6)
-                if g["log_density"] is not None:
-                    axs[i, j].plot(line, np.exp(g["log_density"](line)), c="C3", lw=1)
+                if truth is not None:
+                    axs[i, j].plot(line, truth, c="C3", lw=1)
                 axs[i, j].set_xlim(bins[0], bins[-1])
             label = ds
         else:
